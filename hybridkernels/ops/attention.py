@@ -1,0 +1,81 @@
+"""``bidirectional_attention``: the planner's (non-causal) and the executor's prefill attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference
+from ._checks import FLOAT_DTYPES, check_head_dim, check_same_dtype, check_shape, check_tensor
+from ._dispatch import choose_backend
+
+OP = "bidirectional_attention"
+
+# backend name -> implementation with the reference's signature. Kernel modules add themselves.
+IMPLEMENTATIONS = {"reference": reference.bidirectional_attention}
+AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+
+
+def bidirectional_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Multi-head softmax attention, all keys visible (or causal), flash-attn layout.
+
+    Args:
+        q: ``[B, Lq, Hq, D]`` float16 / bfloat16 / float32, last dim contiguous.
+        k, v: ``[B, Lk, Hkv, D]``, same dtype and device, ``Hq % Hkv == 0`` (GQA), ``Lq <= Lk``.
+            ``D`` in {32, 64, 96, 128, 256}.
+        key_padding_mask: optional bool ``[B, Lk]``, True = attend (left-padded batches).
+        causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (queries aligned to the end).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` float32, to merge partial
+            attentions. Query rows that see no key give output 0 and lse ``-inf``.
+        backend: ``"triton"``, ``"reference"`` or None (``HYBRIDKERNELS_BACKEND``, then auto).
+
+    Returns ``out [B, Lq, Hq, D]`` in q's dtype, or ``(out, lse)``.
+    """
+    check_tensor(OP, "q", q, ndim=4, dtypes=FLOAT_DTYPES, contiguous_last=True)
+    check_tensor(OP, "k", k, ndim=4, dtypes=FLOAT_DTYPES, device=q.device, contiguous_last=True)
+    check_tensor(OP, "v", v, ndim=4, dtypes=FLOAT_DTYPES, device=q.device, contiguous_last=True)
+    check_same_dtype(OP, "q", q, k=k, v=v)
+    B, Lq, Hq, D = q.shape
+    check_shape(OP, "v", v, k.shape, "k.shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"{OP}: k must be [B, Lk, Hkv, D] = [{B}, Lk, Hkv, {D}] to match q, got {tuple(k.shape)}"
+        )
+    Lk, Hkv = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{OP}: q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) (GQA)")
+    check_head_dim(OP, D)
+    if Lq == 0 or Lk == 0 or B == 0:
+        raise ValueError(f"{OP}: empty input (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if Lq > Lk:
+        raise ValueError(f"{OP}: Lq ({Lq}) must be <= Lk ({Lk})")
+    if key_padding_mask is not None:
+        check_tensor(
+            OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q.device
+        )
+        check_shape(OP, "key_padding_mask", key_padding_mask, (B, Lk), "[B, Lk]")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+
+    name = choose_backend(OP, backend, q.device, tuple(IMPLEMENTATIONS), AUTO_ORDER)
+    return IMPLEMENTATIONS[name](
+        q,
+        k,
+        v,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        scale=scale,
+        return_lse=return_lse,
+    )

@@ -1,0 +1,96 @@
+"""``decode_attention``: one new query per sequence over a static KV cache (+ shared prefix)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference
+from ._checks import (
+    FLOAT_DTYPES,
+    check_head_dim,
+    check_int,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    value_checks_enabled,
+)
+from ._dispatch import choose_backend
+
+OP = "decode_attention"
+
+IMPLEMENTATIONS = {"reference": reference.decode_attention}
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cuda", "reference")}
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention of one query per sequence over its cache, split over the sequence (split-KV).
+
+    Args:
+        q: ``[B, Hq, D]`` float16 / bfloat16 / float32, last dim contiguous.
+        k_cache, v_cache: ``[B, Lmax, Hkv, D]``, q's dtype and device, ``Hq % Hkv == 0``.
+        cache_lens: int32 ``[B]``: row ``b`` attends its first ``cache_lens[b]`` slots,
+            ``0 <= cache_lens[b] <= Lmax``; 0 only when a non-empty prefix is given.
+        prefix: optional ``(k_prefix, v_prefix, prefix_len)`` with ``[Lp, Hkv, D]`` tensors and
+            ``0 <= prefix_len <= Lp``: keys every row attends before its own (cascade).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return the log-sum-exp ``[B, Hq]`` float32.
+        backend: ``"cuda"``, ``"triton"``, ``"reference"`` or None (env, then auto).
+
+    Returns ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
+    """
+    check_tensor(OP, "q", q, ndim=3, dtypes=FLOAT_DTYPES, contiguous_last=True)
+    dev = q.device
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(OP, name, t, ndim=4, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
+    check_same_dtype(OP, "q", q, k_cache=k_cache, v_cache=v_cache)
+    check_tensor(OP, "cache_lens", cache_lens, ndim=1, dtypes=(torch.int32,), device=dev)
+    B, Hq, D = q.shape
+    Lmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    check_shape(OP, "k_cache", k_cache, (B, Lmax, Hkv, D), "[B, Lmax, Hkv, D]")
+    check_shape(OP, "v_cache", v_cache, k_cache.shape, "k_cache.shape")
+    check_shape(OP, "cache_lens", cache_lens, (B,), "[B]")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{OP}: q heads ({Hq}) must be a multiple of cache heads ({Hkv}) (GQA)")
+    check_head_dim(OP, D)
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+
+    prefix_len = 0
+    if prefix is not None:
+        if not (isinstance(prefix, (tuple, list)) and len(prefix) == 3):
+            raise TypeError(f"{OP}: prefix must be a tuple (k_prefix, v_prefix, prefix_len)")
+        kp, vp, prefix_len = prefix
+        for name, t in (("prefix k", kp), ("prefix v", vp)):
+            check_tensor(OP, name, t, ndim=3, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
+        check_same_dtype(OP, "q", q, prefix_k=kp, prefix_v=vp)
+        check_shape(OP, "prefix k", kp, (kp.shape[0], Hkv, D), "[Lp, Hkv, D]")
+        check_shape(OP, "prefix v", vp, kp.shape, "prefix k's shape")
+        prefix_len = check_int(OP, "prefix_len", prefix_len, low=0, high=kp.shape[0])
+        prefix = (kp, vp, prefix_len)
+
+    if value_checks_enabled():
+        low = 0 if prefix_len > 0 else 1
+        bad = (cache_lens < low) | (cache_lens > Lmax)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{OP}: cache_lens[{row}] = {int(cache_lens[row])}; expected {low} <= cache_lens "
+                f"<= Lmax = {Lmax}"
+                + ("" if prefix_len else " (a row must attend at least one key)")
+            )
+    name = choose_backend(OP, backend, dev, tuple(IMPLEMENTATIONS), AUTO_ORDER)
+    return IMPLEMENTATIONS[name](
+        q, k_cache, v_cache, cache_lens, scale=scale, prefix=prefix, return_lse=return_lse
+    )

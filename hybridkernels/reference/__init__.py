@@ -1,0 +1,15 @@
+"""Plain-torch definitions of every op: the spec the kernels are tested against."""
+
+from .attention import bidirectional_attention, decode_attention
+from .kv_cache import kv_append
+from .unmask import UnmaskResult, get_num_transfer_tokens, rank_and_commit, unmask_step
+
+__all__ = [
+    "UnmaskResult",
+    "bidirectional_attention",
+    "decode_attention",
+    "get_num_transfer_tokens",
+    "kv_append",
+    "rank_and_commit",
+    "unmask_step",
+]
