@@ -1,0 +1,18 @@
+"""Test-session setup. Without a GPU, Triton kernels run on the CPU interpreter, which must be
+switched on before anything imports triton."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["cpu", "cuda"] if HAS_CUDA else ["cpu"])
+def device(request):
+    return torch.device(request.param)
