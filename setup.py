@@ -117,9 +117,7 @@ class BuildExt(build_ext):
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         # PTX of the newest arch too, so newer GPUs can JIT the kernels.
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-        print(
-            f"hybridkernels: building _C with CUDA ({nvcc}, toolkit {root}, sm_{', sm_'.join(archs)})"
-        )
+        print(f"hybridkernels: building _C with CUDA ({nvcc}, toolkit {root}, sm_{', sm_'.join(archs)})")
         build_dir = Path(self.build_temp) / "cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
         macros = ["-DHK_WITH_CUDA", f'-DHK_CUDA_ARCHS="{";".join(archs)}"']

@@ -33,9 +33,7 @@ def check_tensor(
     if dtypes is not None and t.dtype not in tuple(dtypes):
         raise TypeError(f"{op}: {name} must have dtype in ({_names(dtypes)}), got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(
-            f"{op}: {name} is on {t.device}, expected {device} (like the other inputs)"
-        )
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (like the other inputs)")
     if contiguous_last and t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(
             f"{op}: {name} must have a contiguous last dimension (stride 1), got strides "
@@ -54,9 +52,7 @@ def check_same_dtype(op: str, reference_name: str, reference: torch.Tensor, **ot
 
 def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
     if tuple(t.shape) != tuple(expected):
-        raise ValueError(
-            f"{op}: {name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}"
-        )
+        raise ValueError(f"{op}: {name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
 def check_head_dim(op: str, d: int, supported=HEAD_DIMS) -> None:

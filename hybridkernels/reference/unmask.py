@@ -61,9 +61,7 @@ def rank_and_commit(
     # Rank by (committable first, confidence desc, index asc): a stable sort on confidence,
     # then a stable sort on committability keeps both orders.
     by_conf = torch.sort(key, dim=1, descending=True, stable=True).indices
-    by_commit = torch.sort(
-        committable.gather(1, by_conf).long(), dim=1, descending=True, stable=True
-    )
+    by_commit = torch.sort(committable.gather(1, by_conf).long(), dim=1, descending=True, stable=True)
     order = by_conf.gather(1, by_commit.indices)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(Lr, device=order.device).expand(B, Lr))
@@ -123,17 +121,13 @@ def unmask_step(
     else:
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
     if len(deferred_token_ids):
-        deferred = torch.isin(
-            candidate, torch.tensor(list(deferred_token_ids), device=candidate.device)
-        )
+        deferred = torch.isin(candidate, torch.tensor(list(deferred_token_ids), device=candidate.device))
         confidence = confidence.masked_fill(deferred, float("-inf"))
 
     window = x[:, start : start + Lr]
     committable = window == mask_id
     confidence = torch.where(committable, confidence, torch.full_like(confidence, float("-inf")))
     tokens = torch.where(committable, candidate, window)
-    committed = rank_and_commit(
-        confidence, committable, num_transfer=num_transfer, threshold=threshold
-    )
+    committed = rank_and_commit(confidence, committable, num_transfer=num_transfer, threshold=threshold)
     window[committed] = tokens[committed]
     return UnmaskResult(x, committed, tokens, confidence)
