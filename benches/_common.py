@@ -1,0 +1,54 @@
+"""Helpers for the pytest-benchmark suites: device choice and same-run comparisons.
+
+Timing and roofline probes live in :mod:`hybridkernels.benchmarking` (``hybridkernels bench`` uses
+them too). Under ``--benchmark-disable`` (CI's smoke run) :func:`compare` calls the fast path once
+and times nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from hybridkernels.benchmarking import environment, roofline, synchronize, time_ms
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def compare(
+    benchmark,
+    ours: Callable[[], object],
+    baseline: Callable[[], object],
+    *,
+    device: torch.device = DEVICE,
+    flops: float = 0.0,
+    nbytes: float = 0.0,
+    rounds: int = 10,
+    **extra,
+) -> None:
+    """Time ``ours`` with pytest-benchmark and ``baseline`` in the same run; record the speedup.
+
+    Check that both compute the same thing *before* calling this. ``flops``/``nbytes`` are the
+    work of one call of ``ours`` (for TFLOP/s and GB/s against the measured ceilings).
+    """
+
+    def run():
+        ours()
+        synchronize(device)
+
+    if benchmark.disabled:
+        benchmark(run)
+        return
+    baseline_ms = time_ms(baseline, device, reps=rounds)
+    ours_ms = time_ms(ours, device, reps=rounds)
+    benchmark.extra_info.update(
+        baseline_ms=baseline_ms,
+        ours_ms=ours_ms,
+        speedup=baseline_ms / ours_ms,
+        **roofline(device, flops=flops, nbytes=nbytes, ms=ours_ms),
+        **environment(device),
+        **extra,
+    )
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2)

@@ -1,0 +1,112 @@
+"""Timing and roofline probes shared by ``benches/`` and ``hybridkernels bench``.
+
+Every speed figure in this package is a ratio against a baseline timed in the same process, plus,
+on a GPU, a fraction of a ceiling measured here: the copy bandwidth (bytes read + written per
+second by a large device-to-device copy) and the bf16 matmul peak (a large cuBLAS GEMM).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, reps: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds: CUDA events on a GPU, perf_counter on the CPU."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbs(device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Bytes read plus written per second (GB/s) by ``dst.copy_(src)`` of ``nbytes``."""
+    if torch.device(device).type != "cuda":
+        nbytes = min(nbytes, 1 << 26)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_tflops(device: str = "cuda", n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Achieved TFLOP/s of an ``n x n x n`` matmul (the practical compute ceiling)."""
+    if torch.device(device).type != "cuda":
+        n, dtype = min(n, 512), torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, warmup=3, reps=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def environment(device: torch.device | str = "cuda") -> dict:
+    """Device, driver and library versions and the date, to store beside every result."""
+    device = torch.device(device)
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(device)
+        info.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count)
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.split("\n")[0]
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    else:
+        info.update(device=platform.processor() or "cpu")
+    return info
+
+
+def roofline(device: torch.device | str, *, flops: float = 0.0, nbytes: float = 0.0, ms: float) -> dict:
+    """Achieved TFLOP/s and GB/s of a kernel and their fractions of the measured ceilings."""
+    dev = str(torch.device(device))
+    out = {"ms": ms}
+    if flops:
+        tflops = flops / (ms * 1e-3) / 1e12
+        out.update(tflops=tflops, mfu=tflops / matmul_peak_tflops(dev))
+    if nbytes:
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        out.update(gbs=gbs, bandwidth_fraction=gbs / copy_bandwidth_gbs(dev))
+    return out
