@@ -101,3 +101,22 @@ def test_custom_op_registration():
     kn, vn = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
     pos = torch.tensor([0, 5], dtype=torch.int32)
     torch.library.opcheck(torch.ops.hybridkernels.kv_append.default, (kc, vc, kn, vn, pos))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128, 6])  # 6: rows too short for 16-byte vectors
+def test_cuda_kv_append_matches_cpu(dtype, D):
+    g = torch.Generator().manual_seed(D)
+    B, Lmax, H, T = 3, 33, 4, 5
+    kc = torch.randn(B, Lmax, H, D, generator=g).to(dtype)
+    vc = torch.randn(B, Lmax, H, D, generator=g).to(dtype)
+    kn = torch.randn(B, T, H, D, generator=g).to(dtype)
+    vn = torch.randn(B, T, H, 2 * D, generator=g).to(dtype)[..., ::2]  # strided last dim
+    pos = torch.tensor([0, 28, 11], dtype=torch.int32)
+    cpu = (kc.clone(), vc.clone())
+    gpu = (kc.cuda(), vc.cuda())
+    _cuda.kv_append(*cpu, kn, vn, pos)
+    _cuda.kv_append(*gpu, kn.cuda(), vn.cuda(), pos.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
