@@ -10,6 +10,7 @@ module holds the CPU implementation only. Knobs (environment variables):
     MAX_JOBS                     parallel compile jobs (default: CPU count)
 """
 
+import json
 import os
 import re
 import shutil
@@ -82,6 +83,31 @@ def _cuda_lib_dir(root: Path) -> Path:
     sys.exit(f"no libcudart_static.a under {root}; set CUDA_HOME to a full CUDA toolkit")
 
 
+def _parse_ptxas(log: str) -> list[dict]:
+    """Registers, spills, stack and shared memory per (kernel, arch) from ``ptxas -v`` output."""
+    entries, current = [], None
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line):
+            current = {"kernel": m.group(1), "arch": m.group(2), "registers": None, "spill_stores": 0,
+                       "spill_loads": 0, "stack_bytes": 0, "shared_bytes": 0}
+            entries.append(current)
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                         r"(\d+) bytes spill loads", line)):
+            current.update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)),
+                           spill_loads=int(m.group(3)))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            current["registers"] = int(m.group(1))
+            if s := re.search(r"(\d+) bytes smem", line):
+                current["shared_bytes"] = int(s.group(1))
+    if entries and shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(e["kernel"] for e in entries),
+                               capture_output=True, text=True).stdout.splitlines()
+        if len(names) == len(entries):
+            for e, name in zip(entries, names):
+                e["kernel"] = name
+    return entries
+
+
 class BuildExt(build_ext):
     """Compiles csrc/*.cu with nvcc (in parallel) and links the objects into _C."""
 
@@ -149,10 +175,19 @@ class BuildExt(build_ext):
             if proc.returncode != 0:
                 sys.stderr.write(log)
                 sys.exit(f"nvcc failed on {src.name} (exit {proc.returncode}); output above")
-            return obj
+            return obj, _parse_ptxas(log)
 
         with ThreadPoolExecutor(_max_jobs()) as pool:
-            ext.extra_objects += [str(o) for o in pool.map(compile_one, sources)]
+            built = list(pool.map(compile_one, sources))
+        ext.extra_objects += [str(obj) for obj, _ in built]
+        # ptxas's resource report is compiled into _C (build_info()["kernel_report"]), so it always
+        # describes the binary that is loaded: `hybridkernels info --kernels` and the compile check read it.
+        generated = Path(self.build_temp) / "generated"
+        generated.mkdir(parents=True, exist_ok=True)
+        report = json.dumps([e for _, entries in built for e in entries])
+        (generated / "hk_kernel_report.h").write_text(f'#define HK_KERNEL_REPORT R"HKJSON({report})HKJSON"\n')
+        ext.include_dirs.append(str(generated))
+        ext.define_macros.append(("HK_HAS_KERNEL_REPORT", None))
         ext.include_dirs.append(str(root / "include"))
         ext.define_macros += [("HK_WITH_CUDA", None), ("HK_CUDA_ARCHS", f'"{";".join(archs)}"')]
         ext.library_dirs.append(str(_cuda_lib_dir(root)))
