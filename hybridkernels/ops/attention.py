@@ -12,8 +12,61 @@ from ._dispatch import choose_backend
 
 OP = "bidirectional_attention"
 
-# backend name -> implementation with the reference's signature. Kernel modules add themselves.
-IMPLEMENTATIONS = {"reference": reference.bidirectional_attention}
+
+def _triton_attention(q, k, v, **kwargs):
+    """The Triton kernel, imported on first use: ``import hybridkernels`` never imports triton."""
+    from ..triton.attention import flash_attention
+
+    return flash_attention(q, k, v, **kwargs)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Differentiable path (same contract): ``torch.nn.functional.scaled_dot_product_attention``,
+    or the reference op when the log-sum-exp is asked for (SDPA does not return it)."""
+    if return_lse:
+        return reference.bidirectional_attention(
+            q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, return_lse=True
+        )
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    if Hq != Hkv:  # GQA: repeat kv heads (enable_gqa needs torch >= 2.5)
+        k = k[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
+        v = v[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
+    visible = None
+    if causal and (Lq != Lk or key_padding_mask is not None):
+        qi = torch.arange(Lq, device=q.device)[:, None]
+        visible = (torch.arange(Lk, device=q.device)[None, :] <= qi + (Lk - Lq))[None, None]
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]
+        visible = pad if visible is None else visible & pad
+    seen = None
+    if key_padding_mask is not None:  # rows with no visible key: attend anything, then zero them
+        seen = visible.any(-1, keepdim=True)
+        visible = visible | ~seen
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=visible,
+        is_causal=causal and visible is None,
+        scale=scale,
+    )
+    if seen is not None:
+        out = out * seen
+    return out.transpose(1, 2)
+
+
+# backend name -> implementation with the reference's signature.
+IMPLEMENTATIONS = {"triton": _triton_attention, "reference": reference.bidirectional_attention}
 AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
 
 
@@ -29,6 +82,11 @@ def bidirectional_attention(
     backend: str | None = None,
 ):
     """Multi-head softmax attention, all keys visible (or causal), flash-attn layout.
+
+    The Triton kernel is forward-only (inference). When autograd is recording and q, k or v
+    requires grad, a non-reference backend is replaced by :func:`sdpa_attention`
+    (``torch.nn.functional.scaled_dot_product_attention``; the reference op when ``return_lse``),
+    so gradients flow, e.g. through the executor while training the projector.
 
     Args:
         q: ``[B, Lq, Hq, D]`` float16 / bfloat16 / float32, last dim contiguous.
@@ -62,15 +120,15 @@ def bidirectional_attention(
     if Lq > Lk:
         raise ValueError(f"{OP}: Lq ({Lq}) must be <= Lk ({Lk})")
     if key_padding_mask is not None:
-        check_tensor(
-            OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q.device
-        )
+        check_tensor(OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q.device)
         check_shape(OP, "key_padding_mask", key_padding_mask, (B, Lk), "[B, Lk]")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
 
     name = choose_backend(OP, backend, q.device, tuple(IMPLEMENTATIONS), AUTO_ORDER)
-    return IMPLEMENTATIONS[name](
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    impl = sdpa_attention if needs_grad and name != "reference" else IMPLEMENTATIONS[name]
+    return impl(
         q,
         k,
         v,
