@@ -2,6 +2,7 @@
 
 from .attention import bidirectional_attention, decode_attention
 from .kv_cache import kv_append
+from .llada import LLaDAStats, llada_generate
 from .unmask import UnmaskResult, get_num_transfer_tokens, rank_and_commit, unmask_step
 
 __all__ = [
@@ -12,4 +13,6 @@ __all__ = [
     "kv_append",
     "rank_and_commit",
     "unmask_step",
+    "LLaDAStats",
+    "llada_generate",
 ]

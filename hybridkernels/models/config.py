@@ -1,0 +1,334 @@
+"""``TransformerConfig``: one description of a Llama-family stack, read from HF or LLaDA configs.
+
+Covers HF ``LlamaConfig`` / ``MistralConfig`` (no sliding window) / ``Qwen2Config`` /
+``Qwen3Config`` dicts (``config.json`` or ``config.to_dict()``, transformers 4.x ``rope_theta`` +
+``rope_scaling`` or 5.x ``rope_parameters``) and LLaDA's OLMo-style keys (``d_model``,
+``n_heads``, ...). Anything the stack cannot represent raises a ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..reference.llada import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llada")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Shape and options of a Llama-family transformer.
+
+    ``rope_scaling``: None, ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3",
+    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``
+    (HF semantics). ``qkv_bias``: biases on q/k/v (Qwen2, Llama ``attention_bias``);
+    ``o_bias``/``mlp_bias``: on the output and MLP projections; ``qk_norm``: RMSNorm over the
+    head dim of q and k before RoPE (Qwen3). ``causal``: the default attention mode (False for
+    LLaDA). Token ids are informational (the planner reads ``mask_token_id`` and the EOS ids).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    causal: bool = True
+    family: str = "llama"
+    mask_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    eot_token_id: int | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("num_kv_heads", self.num_kv_heads)
+        _positive_int("head_dim", self.head_dim)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TransformerConfig: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"TransformerConfig: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"TransformerConfig: family must be one of {FAMILIES}, got {self.family!r}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"TransformerConfig: rope_theta must be > 0, got {self.rope_theta}")
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> TransformerConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------- reading
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides) -> TransformerConfig:
+        """Parse an HF (Llama / Mistral / Qwen2 / Qwen3) or LLaDA config dict.
+
+        ``overrides`` replace parsed fields (e.g. ``causal=False`` to run Llama bidirectionally).
+        """
+        if not isinstance(d, Mapping):
+            raise TypeError(f"TransformerConfig.from_dict: expected a dict, got {type(d).__name__}")
+        model_type = str(d.get("model_type", "")).lower()
+        if model_type == "llada" or "d_model" in d:
+            kwargs = _from_llada(d)
+        elif model_type in ("llama", "mistral", "qwen2", "qwen3"):
+            kwargs = _from_hf(d, model_type)
+        else:
+            raise ValueError(
+                f"TransformerConfig.from_dict: unsupported model_type {d.get('model_type')!r} "
+                f"(supported: {FAMILIES}; LLaDA configs are recognised by 'd_model')"
+            )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ----------------------------------------------------------------------------- writing
+    def to_dict(self, family: str | None = None) -> dict[str, Any]:
+        """A ``config.json`` dict in ``family``'s key convention (default: ``self.family``)."""
+        family = family or self.family
+        if family == "llada":
+            return self._to_llada_dict()
+        if family not in FAMILIES:
+            raise ValueError(f"to_dict: family must be one of {FAMILIES}, got {family!r}")
+        d: dict[str, Any] = {
+            "model_type": family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+        }
+        if family in ("llama", "mistral", "qwen3"):
+            if self.qkv_bias != self.o_bias:
+                raise ValueError(f"to_dict: {family} has one attention_bias for q/k/v and o")
+            d["attention_bias"] = self.qkv_bias
+        elif not self.qkv_bias or self.o_bias:
+            raise ValueError("to_dict: qwen2 always has q/k/v biases and no o_proj bias")
+        if family == "llama":
+            d["mlp_bias"] = self.mlp_bias
+        elif self.mlp_bias:
+            raise ValueError(f"to_dict: {family} has no MLP biases")
+        if self.qk_norm != (family == "qwen3"):
+            raise ValueError(f"to_dict: q/k norms are exactly Qwen3's (qk_norm={self.qk_norm})")
+        if self.eos_token_ids:
+            eos = self.eos_token_ids
+            d["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
+        return d
+
+    def _to_llada_dict(self) -> dict[str, Any]:
+        if self.o_bias or self.mlp_bias or self.qk_norm or self.rope_scaling:
+            raise ValueError("to_dict: LLaDA configs have no o/MLP biases, q/k norms or RoPE scaling")
+        if self.head_dim * self.num_heads != self.hidden_size:
+            raise ValueError("to_dict: LLaDA requires head_dim * num_heads == hidden_size")
+        return {
+            "model_type": "llada",
+            "architectures": ["LLaDAModelLM"],
+            "d_model": self.hidden_size,
+            "n_heads": self.num_heads,
+            "n_kv_heads": self.num_kv_heads,
+            "n_layers": self.num_layers,
+            "mlp_hidden_size": self.intermediate_size,
+            "mlp_ratio": self.intermediate_size / self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "embedding_size": self.vocab_size,
+            "rope": True,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_sequence_length": self.max_position_embeddings,
+            "weight_tying": self.tie_word_embeddings,
+            "include_bias": False,
+            "include_qkv_bias": self.qkv_bias,
+            "block_type": "llama",
+            "activation_type": "silu",
+            "layer_norm_type": "rms",
+            "alibi": False,
+            "attention_layer_norm": False,
+            "input_emb_norm": False,
+            "scale_logits": False,
+            "mask_token_id": self.mask_token_id if self.mask_token_id is not None else LLADA_MASK_ID,
+            "eos_token_id": self.eos_token_ids[0] if self.eos_token_ids else LLADA_EOS_ID,
+            "init_std": self.initializer_range,
+        }
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
+
+
+def _normalize_rope_scaling(scaling, max_positions: int) -> dict | None:
+    if scaling is None:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"TransformerConfig: rope_scaling must be a dict or None, got {scaling!r}")
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type")} | {
+        "rope_type": scaling.get("rope_type", scaling.get("type", "default"))
+    }
+    kind = scaling["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"TransformerConfig: rope_scaling type {kind!r} is not supported (supported: {ROPE_TYPES})"
+        )
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("TransformerConfig: partial_rotary_factor != 1 is not supported")
+    scaling.pop("partial_rotary_factor", None)
+    if kind == "default":
+        return None
+    need = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor")
+    missing = [k for k in need if k not in scaling]
+    if missing:
+        raise ValueError(f"TransformerConfig: rope_scaling of type {kind!r} lacks {missing}")
+    if kind == "llama3":
+        scaling.setdefault("original_max_position_embeddings", max_positions)
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise ValueError(
+                "TransformerConfig: llama3 rope_scaling needs high_freq_factor > low_freq_factor"
+            )
+    if not scaling["factor"] > 0:
+        raise ValueError(f"TransformerConfig: rope_scaling factor must be > 0, got {scaling['factor']}")
+    return scaling
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _from_hf(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    def need(key):
+        if key not in d:
+            raise ValueError(f"TransformerConfig.from_dict: {model_type} config lacks {key!r}")
+        return d[key]
+
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"TransformerConfig.from_dict: hidden_act {act!r} is not supported (only silu)")
+    if d.get("use_sliding_window") or (model_type == "mistral" and d.get("sliding_window")):
+        raise ValueError("TransformerConfig.from_dict: sliding-window attention is not supported")
+    if d.get("pretraining_tp", 1) not in (1, None):
+        raise ValueError("TransformerConfig.from_dict: pretraining_tp != 1 is not supported")
+    heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    # transformers 5 stores theta and scaling together in rope_parameters; 4.x has rope_theta +
+    # rope_scaling.
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or None
+    theta = d.get("rope_theta")
+    if theta is None and isinstance(rope, Mapping):
+        theta = rope.get("rope_theta")
+    if isinstance(rope, Mapping) and "partial_rotary_factor" in d:
+        rope = dict(rope) | {"partial_rotary_factor": d["partial_rotary_factor"]}
+    attention_bias = bool(d.get("attention_bias", False))
+    return dict(
+        family=model_type,
+        vocab_size=need("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or hidden // heads,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta if theta is not None else 10000.0),
+        rope_scaling=rope,
+        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=False if model_type == "qwen2" else attention_bias,
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        causal=True,
+        eos_token_ids=_eos_ids(d.get("eos_token_id")),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+    )
+
+
+# LLaDA (OLMo-style) options the Llama-family stack cannot represent: key -> accepted values.
+_LLADA_FIXED = {
+    "block_type": ("llama",),
+    "layer_norm_type": ("rms", "rms_norm", "rmsnorm"),
+    "rope": (True,),
+    "alibi": (False,),
+    "include_bias": (False,),
+    "attention_layer_norm": (False,),
+    "input_emb_norm": (False,),
+    "scale_logits": (False,),
+    "multi_query_attention": (None, False),
+    "clip_qkv": (None,),
+}
+
+
+def _from_llada(d: Mapping[str, Any]) -> dict[str, Any]:
+    def need(key):
+        if key not in d:
+            raise ValueError(f"TransformerConfig.from_dict: LLaDA config lacks {key!r}")
+        return d[key]
+
+    for key, accepted in _LLADA_FIXED.items():
+        if key in d and d[key] not in accepted:
+            raise ValueError(
+                f"TransformerConfig.from_dict: LLaDA config has {key}={d[key]!r}; supported: {accepted}"
+            )
+    act = d.get("activation_type", "silu")
+    if act not in ("silu", "swiglu"):
+        raise ValueError(f"TransformerConfig.from_dict: LLaDA activation_type {act!r} is not supported")
+    d_model = need("d_model")
+    heads = need("n_heads")
+    if d_model % heads:
+        raise ValueError(f"TransformerConfig.from_dict: d_model ({d_model}) % n_heads ({heads}) != 0")
+    mlp = d.get("mlp_hidden_size") or int(d.get("mlp_ratio", 4) * d_model)
+    vocab = d.get("embedding_size") or need("vocab_size")
+    return dict(
+        family="llada",
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=mlp,
+        num_layers=need("n_layers"),
+        num_heads=heads,
+        num_kv_heads=d.get("n_kv_heads") or heads,
+        head_dim=d_model // heads,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(d.get("rope_theta", 10000.0)),
+        rope_scaling=None,
+        max_position_embeddings=int(d.get("max_sequence_length", 4096)),
+        tie_word_embeddings=bool(d.get("weight_tying", False)),
+        qkv_bias=bool(d.get("include_qkv_bias", False)),
+        causal=False,
+        mask_token_id=int(d.get("mask_token_id", LLADA_MASK_ID)),
+        eos_token_ids=_eos_ids(d.get("eos_token_id", LLADA_EOS_ID)),
+        eot_token_id=int(d.get("eot_token_id", LLADA_EOT_ID)),
+        initializer_range=float(d.get("init_std", 0.02)),
+    )

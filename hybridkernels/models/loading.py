@@ -1,0 +1,310 @@
+"""Weights in and out of :class:`~hybridkernels.models.transformer.Transformer`.
+
+Two checkpoint naming schemes map onto the model's own (HF Llama names without ``model.``):
+
+* ``"hf"``: HF Llama / Mistral / Qwen2 / Qwen3 (``model.layers.N.self_attn.q_proj.weight``,
+  biases, ``q_norm``/``k_norm``, ``model.norm.weight``, ``lm_head.weight``), with or without the
+  ``model.`` prefix (a bare ``LlamaModel`` state dict).
+* ``"llada"``: LLaDA's OLMo-style names (``model.transformer.wte``,
+  ``model.transformer.blocks.N.{q_proj,k_proj,v_proj,attn_out,attn_norm,ff_norm,ff_proj,up_proj,
+  ff_out}``, ``model.transformer.ln_f``, ``model.transformer.ff_out``). ``ff_proj`` is the SwiGLU
+  gate, ``ff_out`` in a block the down projection, at the top the LM head.
+
+Every load checks names and shapes against the config and raises one ``ValueError`` listing
+unknown, missing and mis-shaped tensors: never a silently random weight.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TransformerConfig
+from .transformer import Transformer
+
+NAME_SCHEMES = ("hf", "llada")
+INDEX_FILE = "model.safetensors.index.json"
+
+# LLaDA block / top-level module names -> ours.
+_LLADA_BLOCK = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ff_norm": "post_attention_layernorm",
+    "ff_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "ff_out": "mlp.down_proj",
+}
+_LLADA_TOP = {"wte": "embed_tokens", "ln_f": "norm", "ff_out": "lm_head"}
+_LLADA_BLOCK_RE = re.compile(r"model\.transformer\.blocks\.(\d+)\.(\w+)\.(weight|bias)")
+_LLADA_TOP_RE = re.compile(r"model\.transformer\.(\w+)\.(weight|bias)")
+_OURS_BLOCK_RE = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
+# Non-persistent buffers some older checkpoints still carry.
+_IGNORED_RE = re.compile(r".*rotary_emb\.inv_freq")
+
+MAX_LISTED = 20
+
+
+def detect_scheme(names) -> str:
+    """``"llada"`` if any name starts with ``model.transformer.``, else ``"hf"``."""
+    return "llada" if any(n.startswith("model.transformer.") for n in names) else "hf"
+
+
+def to_internal_name(name: str, scheme: str) -> str | None:
+    """Our parameter name for checkpoint name ``name`` under ``scheme`` (None when unknown)."""
+    if scheme == "hf":
+        return name[len("model.") :] if name.startswith("model.") else name
+    if scheme != "llada":
+        raise ValueError(f"names must be one of {NAME_SCHEMES} or 'auto', got {scheme!r}")
+    if m := _LLADA_BLOCK_RE.fullmatch(name):
+        sub = _LLADA_BLOCK.get(m[2])
+        return None if sub is None else f"layers.{m[1]}.{sub}.{m[3]}"
+    if m := _LLADA_TOP_RE.fullmatch(name):
+        sub = _LLADA_TOP.get(m[1])
+        return None if sub is None else f"{sub}.{m[2]}"
+    return None
+
+
+def to_external_name(name: str, scheme: str) -> str:
+    """The checkpoint name of our parameter ``name`` under ``scheme`` (inverse of the above)."""
+    if scheme == "hf":
+        return name if name.startswith("lm_head.") else f"model.{name}"
+    if scheme != "llada":
+        raise ValueError(f"names must be one of {NAME_SCHEMES}, got {scheme!r}")
+    if m := _OURS_BLOCK_RE.fullmatch(name):
+        inverse = {v: k for k, v in _LLADA_BLOCK.items()}
+        if m[2] in inverse:
+            return f"model.transformer.blocks.{m[1]}.{inverse[m[2]]}.{m[3]}"
+    else:
+        module, _, kind = name.rpartition(".")
+        inverse = {v: k for k, v in _LLADA_TOP.items()}
+        if module in inverse:
+            return f"model.transformer.{inverse[module]}.{kind}"
+    raise ValueError(f"parameter {name!r} has no LLaDA checkpoint name (q/k norms?)")
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    more = f", ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"\n  {title} ({len(items)}): {shown}{more}"
+
+
+def map_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    config: TransformerConfig,
+    *,
+    names: str = "auto",
+    source: str = "checkpoint",
+) -> dict[str, torch.Tensor]:
+    """Rename checkpoint ``tensors`` to our names and check them against ``config``.
+
+    Raises ``ValueError`` listing every unknown name, missing parameter and wrong shape. A tied
+    model accepts an ``lm_head.weight`` only if it equals the embedding (HF state dicts list it).
+    """
+    scheme = detect_scheme(tensors) if names == "auto" else names
+    expected = _expected_shapes(config)
+    mapped: dict[str, torch.Tensor] = {}
+    unknown, shapes, misshapen = [], [], set()
+    for name, tensor in tensors.items():
+        if _IGNORED_RE.fullmatch(name):
+            continue
+        ours = to_internal_name(name, scheme)
+        if ours == "lm_head.weight" and config.tie_word_embeddings:
+            ours = "tied lm_head.weight"
+        if ours not in expected and ours != "tied lm_head.weight":
+            unknown.append(name)
+        elif ours in mapped:
+            unknown.append(f"{name} (duplicate of another name for {ours})")
+        elif ours != "tied lm_head.weight" and tuple(tensor.shape) != expected[ours]:
+            shapes.append(f"{name}: {tuple(tensor.shape)}, expected {expected[ours]}")
+            misshapen.add(ours)
+        else:
+            mapped[ours] = tensor
+    missing = [_external_or_ours(n, scheme) for n in expected if n not in mapped and n not in misshapen]
+    if unknown or missing or shapes:
+        raise ValueError(
+            f"{source} (names={scheme!r}) does not match the {config.family} config "
+            f"(layers={config.num_layers}, hidden={config.hidden_size}, vocab={config.vocab_size}):"
+            + (_listing("unknown names", unknown) if unknown else "")
+            + (_listing("missing names", missing) if missing else "")
+            + (_listing("wrong shapes", shapes) if shapes else "")
+        )
+    head = mapped.pop("tied lm_head.weight", None)
+    if head is not None and not _same_tensor(head, mapped["embed_tokens.weight"]):
+        raise ValueError(
+            f"{source}: the config ties the LM head to the embedding, but lm_head.weight differs "
+            "from the embedding weight"
+        )
+    return mapped
+
+
+def _external_or_ours(name: str, scheme: str) -> str:
+    try:
+        return to_external_name(name, scheme)
+    except ValueError:
+        return name
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return torch.equal(a.to(b.device), b)
+
+
+def _expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    model = Transformer(config, device="meta")
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
+def build_model(
+    config: TransformerConfig,
+    state: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None,
+    device,
+    causal: bool | None = None,
+    backend: str | None = None,
+) -> Transformer:
+    """A :class:`Transformer` holding ``state`` (our names, already checked), cast to
+    ``dtype``/``device``. Tensors already in that dtype and device are used without a copy."""
+    model = Transformer(config, device="meta", causal=causal, backend=backend)
+    state = {n: t.detach().to(device=device, dtype=dtype) for n, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- directories
+def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every ``(name, tensor)`` of the ``*.safetensors`` in ``path`` (the index's shards when
+    ``model.safetensors.index.json`` exists), loaded on the CPU."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise ValueError(f"{index}: shard files are missing: {missing}")
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        weight_map = None
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors files")
+    seen: set[str] = set()
+    for file in files:
+        with safe_open(str(path / file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if weight_map is not None and weight_map.get(name) != file:
+                    raise ValueError(
+                        f"{index}: tensor {name!r} is in {file} but the index says {weight_map.get(name)!r}"
+                    )
+                seen.add(name)
+                yield name, f.get_tensor(name)
+    absent = sorted(set(weight_map or ()) - seen)
+    if absent:
+        raise ValueError(f"{index}: tensors listed but absent from the shards: {absent[:MAX_LISTED]}")
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device=None,
+    causal: bool | None = None,
+    backend: str | None = None,
+    names: str = "auto",
+    config_overrides: Mapping | None = None,
+) -> Transformer:
+    """Load a local checkpoint directory: ``config.json`` + ``*.safetensors`` (sharded or not).
+
+    ``dtype`` default: the embedding's dtype in the checkpoint; ``device`` default CPU;
+    ``causal`` default: the config's (False for LLaDA); ``names``: ``"auto"`` (from the tensor
+    names), ``"hf"`` or ``"llada"``.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"load_pretrained: {path} has no config.json")
+    config = TransformerConfig.from_dict(
+        json.loads((path / "config.json").read_text()), **(config_overrides or {})
+    )
+    tensors = dict(iter_safetensors(path))
+    state = map_state_dict(tensors, config, names=names, source=str(path))
+    if dtype is None:
+        dtype = state["embed_tokens.weight"].dtype
+    return build_model(config, state, dtype=dtype, device=device or "cpu", causal=causal, backend=backend)
+
+
+def load_hf_model(
+    hf_model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    device=None,
+    causal: bool | None = None,
+    backend: str | None = None,
+) -> Transformer:
+    """A :class:`Transformer` with the weights of an in-memory HF model (``LlamaForCausalLM``,
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, a LLaDA remote-code model, ...). Weights already
+    in the requested dtype/device are shared, not copied."""
+    config = TransformerConfig.from_dict(hf_model.config.to_dict())
+    state = hf_model.state_dict()
+    first = next(iter(state.values()))
+    mapped = map_state_dict(state, config, source=type(hf_model).__name__)
+    return build_model(
+        config,
+        mapped,
+        dtype=dtype or first.dtype,
+        device=device or first.device,
+        causal=causal,
+        backend=backend,
+    )
+
+
+def save_pretrained(
+    model: Transformer, path: str | Path, *, names: str = "hf", max_shard_bytes: int | None = None
+) -> None:
+    """Write ``config.json`` and safetensors under ``names`` (``"hf"``: HF names and the model
+    family's config; ``"llada"``: LLaDA names and config). ``max_shard_bytes`` splits the weights
+    into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+
+    if names not in NAME_SCHEMES:
+        raise ValueError(f"save_pretrained: names must be one of {NAME_SCHEMES}, got {names!r}")
+    family = "llada" if names == "llada" else ("llama" if model.config.family == "llada" else None)
+    config = model.config.to_dict(family)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        to_external_name(n, names): t.detach().to("cpu").contiguous() for n, t in model.state_dict().items()
+    }
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,396 @@
+"""One Llama-family transformer stack for the planner (bidirectional) and the executor (causal).
+
+RMSNorm, RoPE (HF rotate-half convention, ``default`` / ``linear`` / ``llama3`` frequencies), GQA,
+SwiGLU MLP, optional Qwen2 q/k/v biases and Qwen3 q/k norms, tied or untied LM head. Attention
+goes through :func:`hybridkernels.ops.bidirectional_attention` (flash layout ``[B, L, H, D]``);
+the model holds no kernels of its own.
+
+Parameter names follow HF Llama without the ``model.`` prefix (``embed_tokens.weight``,
+``layers.N.self_attn.q_proj.weight``, ..., ``norm.weight``, ``lm_head.weight``); the name maps
+for HF and LLaDA checkpoints live in :mod:`hybridkernels.models.loading`.
+
+Caching contract (used by the planner's prefix / dual cache and the executor's static cache):
+
+* ``forward(..., return_kv=True)`` returns every layer's ``(k, v)``, ``[B, L, Hkv, D]`` after
+  RoPE (and after Qwen3's k norm), for the positions of this call.
+* ``forward(..., kv_cache=hook)`` hands attention to ``hook.attend(layer, q, k, v)`` in every
+  layer: ``q [B, T, Hq, D]`` and ``k``/``v [B, T, Hkv, D]`` (post-RoPE) are this call's tokens; the
+  hook stores ``k``/``v`` where it wants (``ops.kv_append``, or overwriting the block's slots of a
+  full buffer), attends over whatever keys it holds (``ops.bidirectional_attention`` /
+  ``ops.decode_attention``) and returns ``[B, T, Hq, D]``. With a hook, ``position_ids`` must be
+  given, and ``attention_mask``/``causal`` are the hook's business.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import TransformerConfig
+
+
+@runtime_checkable
+class KVCacheHook(Protocol):
+    """Per-layer attention over cached keys. See the module docstring for the contract."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class TransformerOutput(NamedTuple):
+    """``logits [B, L, V]`` (None with ``compute_logits=False``), ``hidden [B, L, d]`` after the
+    final norm, ``kv``: per layer ``(k, v)`` ``[B, L, Hkv, D]`` post-RoPE, or None."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 (as HF Llama and LLaDA)."""
+
+    def __init__(self, dim: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: TransformerConfig) -> torch.Tensor:
+    """Float32 ``[head_dim / 2]`` RoPE inverse frequencies, with HF's ``linear``/``llama3`` scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    old_len = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """``cos``/``sin`` ``[B, L, 1, D]`` in ``dtype`` for int ``position_ids [B, L]`` (fp32 math)."""
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, L, H, D]`` by the rotate-half convention (HF Llama, LLaDA)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int, *, device=None, dtype=None):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        kw = dict(device=device, dtype=dtype)
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, config.q_size, bias=config.qkv_bias, **kw)
+        self.k_proj = nn.Linear(d, config.kv_size, bias=config.qkv_bias, **kw)
+        self.v_proj = nn.Linear(d, config.kv_size, bias=config.qkv_bias, **kw)
+        self.o_proj = nn.Linear(config.q_size, d, bias=config.o_bias, **kw)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, *, key_padding_mask, causal, kv_cache, backend):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            out = kv_cache.attend(self.layer, q, k, v)
+        else:
+            out = ops.bidirectional_attention(
+                q, k, v, key_padding_mask=key_padding_mask, causal=causal, backend=backend
+            )
+        return self.o_proj(out.reshape(B, L, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: TransformerConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=config.mlp_bias, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig, layer: int, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, layer, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = MLP(config, **kw)
+
+    def forward(self, x, cos, sin, **attn_kw):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, **attn_kw)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, batch: int, length: int, device):
+    """Positions ``[B, L]`` counting only valid tokens (left padding: ``cumsum(mask) - 1``, 0 on
+    pads), or ``0 .. L-1`` without a mask. Since RoPE is relative and pads are masked out, this
+    only moves rounding; it makes a padded row match the same prompt unpadded."""
+    if attention_mask is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder stack (causal or bidirectional) with embedding and LM head.
+
+    Build with random weights (``Transformer(config)``, then :meth:`reset_parameters`), from a
+    checkpoint directory (:meth:`from_pretrained`) or from an in-memory HF model (:meth:`from_hf`).
+
+    ``backend`` is the default attention backend (``"triton"``, ``"reference"``, None = auto);
+    ``causal`` defaults to ``config.causal``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        causal: bool | None = None,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"Transformer: config must be a TransformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.causal = config.causal if causal is None else bool(causal)
+        self.backend = backend
+        kw = dict(device=device, dtype=dtype)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(Block(config, i, **kw) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+        )
+        self._inv_freq = rope_inv_freq(config)
+        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
+        if torch.device(device or "cpu").type != "meta":
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Transformer:
+        """Load ``config.json`` + ``*.safetensors`` (sharded or not) from a local directory.
+
+        Keyword arguments: ``dtype``, ``device``, ``causal``, ``backend``, ``names``
+        (``"auto"``/``"hf"``/``"llada"``), ``config_overrides`` (dict). See
+        :func:`hybridkernels.models.loading.load_pretrained`.
+        """
+        from .loading import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, **kwargs) -> Transformer:
+        """Copy the weights of an in-memory HF model (Llama / Qwen2 / Qwen3 / LLaDA remote code).
+
+        Keyword arguments: ``dtype`` and ``device`` (default: the HF model's), ``causal``,
+        ``backend``. See :func:`hybridkernels.models.loading.load_hf_model`.
+        """
+        from .loading import load_hf_model
+
+        return load_hf_model(hf_model, **kwargs)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None, generator: torch.Generator | None = None):
+        """Random init: linear and embedding weights ``N(0, std)`` (default
+        ``config.initializer_range``), biases 0, norm weights 1."""
+        std = self.config.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        return self
+
+    # ------------------------------------------------------------------ pieces for the fast paths
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """``[V, d]``: the LM head (the embedding when tied), for the fused unmask op."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` int token ids -> ``[B, L, d]`` embeddings."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: ``hidden [..., d]`` (after the final norm) -> ``[..., V]`` in the model dtype."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """Float32 RoPE frequencies on ``device`` (cached, so a CUDA graph capture copies nothing)."""
+        device = torch.device(device)
+        cached = self._inv_freq_by_device.get(device)
+        if cached is None:
+            cached = self._inv_freq_by_device[device] = self._inv_freq.to(device)
+        return cached
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        causal: bool | None = None,
+        kv_cache: KVCacheHook | None = None,
+        return_kv: bool = False,
+        compute_logits: bool = True,
+        backend: str | None = None,
+    ) -> TransformerOutput:
+        """Run the stack.
+
+        Args:
+            input_ids: int ``[B, L]``, or give ``inputs_embeds [B, L, d]`` (model dtype) instead.
+            attention_mask: ``[B, L]`` bool or 0/1 ints, True/1 = real token (left padding);
+                used as the key padding mask and, without ``position_ids``, for positions.
+            position_ids: int ``[B, L]`` (or ``[L]``); default :func:`default_position_ids`.
+                Required with ``kv_cache``.
+            causal: override the model's mode (queries aligned to the end of the keys).
+            kv_cache: a :class:`KVCacheHook` that does attention against cached keys.
+            return_kv: also return every layer's post-RoPE ``(k, v)`` of these positions.
+            compute_logits: apply the LM head to every position (else ``logits`` is None; use
+                :meth:`logits` on the rows you need).
+            backend: attention backend for this call (default: the model's).
+
+        Returns a :class:`TransformerOutput` (``.logits``, ``.hidden``, ``.kv``).
+        """
+        x = self._input_embeddings(input_ids, inputs_embeds)
+        B, L, _ = x.shape
+        if kv_cache is not None and (position_ids is None or attention_mask is not None):
+            raise ValueError(
+                "Transformer.forward: with kv_cache, give position_ids and no attention_mask "
+                "(the hook owns the keys and their masking)"
+            )
+        mask = self._key_padding_mask(attention_mask, B, L, x.device)
+        if position_ids is None:
+            position_ids = default_position_ids(mask, B, L, x.device)
+        position_ids = self._check_positions(position_ids, B, L, x.device)
+
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
+        attn_kw = dict(
+            key_padding_mask=mask,
+            causal=self.causal if causal is None else bool(causal),
+            kv_cache=kv_cache,
+            backend=backend if backend is not None else self.backend,
+        )
+        kvs = [] if return_kv else None
+        for block in self.layers:
+            x, kv = block(x, cos, sin, **attn_kw)
+            if kvs is not None:
+                kvs.append(kv)
+        hidden = self.norm(x)
+        logits = self.logits(hidden) if compute_logits else None
+        return TransformerOutput(logits, hidden, kvs)
+
+    def _input_embeddings(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Transformer.forward: give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                raise ValueError(
+                    f"Transformer.forward: input_ids must be a [B, L] tensor, got "
+                    f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
+                )
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                raise TypeError(f"Transformer.forward: input_ids must be integer, got {input_ids.dtype}")
+            if input_ids.numel() == 0:
+                raise ValueError(f"Transformer.forward: empty input_ids {tuple(input_ids.shape)}")
+            return self.embed(input_ids)
+        d = self.config.hidden_size
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+            raise ValueError("Transformer.forward: inputs_embeds must be a [B, L, d] tensor")
+        if inputs_embeds.shape[-1] != d or inputs_embeds.numel() == 0:
+            raise ValueError(
+                f"Transformer.forward: inputs_embeds must be [B, L, {d}], got {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.dtype != self.dtype:
+            raise TypeError(
+                f"Transformer.forward: inputs_embeds has dtype {inputs_embeds.dtype}, the model {self.dtype}"
+            )
+        return inputs_embeds
+
+    @staticmethod
+    def _key_padding_mask(mask, B, L, device):
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L):
+            raise ValueError(
+                f"Transformer.forward: attention_mask must be [B, L] = [{B}, {L}], got "
+                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+            )
+        if mask.device != device:
+            raise ValueError(f"Transformer.forward: attention_mask is on {mask.device}, inputs on {device}")
+        return mask if mask.dtype == torch.bool else mask != 0
+
+    @staticmethod
+    def _check_positions(position_ids, B, L, device):
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+            raise TypeError("Transformer.forward: position_ids must be an integer tensor")
+        if position_ids.dim() == 1:
+            position_ids = position_ids.expand(B, -1)
+        if tuple(position_ids.shape) != (B, L):
+            raise ValueError(
+                f"Transformer.forward: position_ids must be [B, L] = [{B}, {L}] or [L], got "
+                f"{tuple(position_ids.shape)}"
+            )
+        if position_ids.device != device:
+            raise ValueError(
+                f"Transformer.forward: position_ids is on {position_ids.device}, inputs on {device}"
+            )
+        return position_ids
