@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..reference.llada import check_token_ids
 from .config import TransformerConfig
 
 
@@ -342,15 +343,7 @@ class Transformer(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Transformer.forward: give exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-                raise ValueError(
-                    f"Transformer.forward: input_ids must be a [B, L] tensor, got "
-                    f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
-                )
-            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-                raise TypeError(f"Transformer.forward: input_ids must be integer, got {input_ids.dtype}")
-            if input_ids.numel() == 0:
-                raise ValueError(f"Transformer.forward: empty input_ids {tuple(input_ids.shape)}")
+            check_token_ids("Transformer.forward", "input_ids", input_ids)
             return self.embed(input_ids)
         d = self.config.hidden_size
         if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:

@@ -59,6 +59,17 @@ def add_gumbel_noise(
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
+def check_token_ids(where: str, name: str, ids) -> None:
+    """``ids`` must be a non-empty integer ``[B, L]`` tensor; the error names ``where`` and ``name``."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{where}: {name} must be a [B, L] tensor, got {got}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{where}: {name} must hold integer token ids, got {ids.dtype}")
+    if ids.numel() == 0:
+        raise ValueError(f"{where}: empty {name} (shape {tuple(ids.shape)})")
+
+
 def _model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     out = model(x, attention_mask=attention_mask)
     logits = getattr(out, "logits", out)
@@ -73,15 +84,7 @@ def _model_logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None) -
 def _check_inputs(
     prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id
 ):
-    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
-        raise ValueError(
-            f"llada_generate: prompt must be a [B, L] tensor, got "
-            f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}"
-        )
-    if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
-        raise TypeError(f"llada_generate: prompt must hold integer token ids, got {prompt.dtype}")
-    if prompt.numel() == 0:
-        raise ValueError(f"llada_generate: empty prompt (shape {tuple(prompt.shape)})")
+    check_token_ids("llada_generate", "prompt", prompt)
     if bool((prompt == mask_id).any()):
         row, col = (prompt == mask_id).nonzero()[0].tolist()
         raise ValueError(
