@@ -379,6 +379,8 @@ def test_forward_input_errors():
         ours(ids, position_ids=pos[:, 1:])
     with pytest.raises(ValueError, match="with kv_cache, give position_ids"):
         ours(ids, kv_cache=BlockCache([], 0, None))
+    with pytest.raises(TypeError, match="kv_cache must have an attend"):
+        ours(ids, position_ids=pos, kv_cache=object())
     with pytest.raises(TypeError, match="input_ids must hold integer token ids"):
         ours(ids.float())
 

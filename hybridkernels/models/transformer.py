@@ -313,6 +313,8 @@ class Transformer(nn.Module):
         """
         x = self._input_embeddings(input_ids, inputs_embeds)
         B, L, _ = x.shape
+        if kv_cache is not None and not callable(getattr(kv_cache, "attend", None)):
+            raise TypeError("Transformer.forward: kv_cache must have an attend(layer, q, k, v) method")
         if kv_cache is not None and (position_ids is None or attention_mask is not None):
             raise ValueError(
                 "Transformer.forward: with kv_cache, give position_ids and no attention_mask "
