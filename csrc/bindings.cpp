@@ -5,6 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
+#include <utility>
 #include <vector>
 
 #ifdef HK_WITH_CUDA
@@ -54,13 +57,32 @@ void check_device_pointer(const char* name, const void* ptr, int device) {
 }
 #endif
 
+// [rows, cols] view of a RoPE table: float32, contiguous rows.
+void check_rope_table(const char* name, uintptr_t ptr, int dtype, const std::vector<int64_t>& shape,
+                      const std::vector<int64_t>& strides, int64_t D) {
+  HK_CHECK(ptr != 0, name, ": null data pointer");
+  HK_CHECK(dtype == kFloat32, name, ": expected float32 (0), got dtype code ", dtype);
+  HK_CHECK(shape.size() == 2 && strides.size() == 2, name, ": expected a 2-d table [P, D/2] or [P, D]");
+  HK_CHECK(shape[0] >= 1, name, ": the table has no rows");
+  HK_CHECK(shape[1] == D / 2 || shape[1] == D, name, ": expected ", D / 2, " or ", D,
+           " columns (head_dim ", D, "), got ", shape[1]);
+  HK_CHECK(strides[1] == 1 || shape[1] == 1, name, ": columns must be contiguous (stride 1), got ",
+           strides[1]);
+  HK_CHECK(strides[0] >= 0, name, ": negative row stride ", strides[0]);
+}
+
 void kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t v_new,
                uintptr_t positions, const std::vector<int64_t>& cache_shape, int64_t T,
                const std::vector<int64_t>& k_cache_strides,
                const std::vector<int64_t>& v_cache_strides,
                const std::vector<int64_t>& k_new_strides,
                const std::vector<int64_t>& v_new_strides, int dtype, int positions_dtype,
-               int device, uintptr_t stream) {
+               int device, uintptr_t stream, uintptr_t rope_cos, uintptr_t rope_sin,
+               int rope_dtype, const std::vector<int64_t>& rope_shape,
+               const std::vector<int64_t>& rope_cos_strides,
+               const std::vector<int64_t>& rope_sin_strides, uintptr_t rope_positions,
+               int rope_positions_dtype, const std::vector<int64_t>& rope_positions_shape,
+               const std::vector<int64_t>& rope_positions_strides) {
   HK_CHECK(cache_shape.size() == 4, "cache_shape: expected [B, Lmax, H, D], got ",
            cache_shape.size(), " dims");
   KvAppendArgs a{};
@@ -85,6 +107,41 @@ void kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t 
   a.positions = reinterpret_cast<const void*>(positions);
   a.positions_dtype = positions_dtype;
   a.elem_size = dtype_size(dtype);
+  a.dtype = dtype;
+
+  const bool rope = rope_cos != 0 || rope_sin != 0;
+  if (rope) {
+    HK_CHECK(a.D % 2 == 0, "rope: head_dim must be even, got ", a.D);
+    check_rope_table("rope cos", rope_cos, rope_dtype, rope_shape, rope_cos_strides, a.D);
+    check_rope_table("rope sin", rope_sin, rope_dtype, rope_shape, rope_sin_strides, a.D);
+    HK_CHECK(rope_cos_strides[0] == rope_sin_strides[0],
+             "rope: cos and sin must have the same row stride, got ", rope_cos_strides[0], " and ",
+             rope_sin_strides[0]);
+    a.rope_cos = reinterpret_cast<const float*>(rope_cos);
+    a.rope_sin = reinterpret_cast<const float*>(rope_sin);
+    a.rope_rows = rope_shape[0];
+    a.rope_row_stride = rope_cos_strides[0];
+    if (rope_positions == 0) {  // rotary position = cache slot
+      a.rope_positions = a.positions;
+      a.rope_positions_dtype = positions_dtype;
+      a.rope_pos_stride[0] = 1;
+    } else {
+      HK_CHECK(rope_positions_dtype == kInt32 || rope_positions_dtype == kInt64,
+               "rope_positions_dtype: expected int32 (3) or int64 (4), got ", rope_positions_dtype);
+      const size_t nd = rope_positions_shape.size();
+      HK_CHECK((nd == 1 || nd == 2) && rope_positions_strides.size() == nd,
+               "rope_positions: expected shape [B] or [B, T] with matching strides");
+      HK_CHECK(rope_positions_shape[0] == a.B && (nd == 1 || rope_positions_shape[1] == T),
+               "rope_positions: expected shape [", a.B, "] or [", a.B, ", ", T, "]");
+      for (size_t i = 0; i < nd; ++i)
+        HK_CHECK(rope_positions_strides[i] >= 0, "rope_positions: negative stride");
+      a.rope_positions = reinterpret_cast<const void*>(rope_positions);
+      a.rope_positions_dtype = rope_positions_dtype;
+      a.rope_pos_stride[0] = rope_positions_strides[0];
+      a.rope_pos_stride[1] = nd == 2 ? rope_positions_strides[1] : 0;
+      a.rope_pos_step = nd == 2 ? 0 : 1;
+    }
+  }
 
   if (device < 0) {
     py::gil_scoped_release release;
@@ -97,12 +154,176 @@ void kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t 
   check_device_pointer("k_new", a.k_new.data, device);
   check_device_pointer("v_new", a.v_new.data, device);
   check_device_pointer("positions", a.positions, device);
+  if (rope) {
+    check_device_pointer("rope cos", a.rope_cos, device);
+    check_device_pointer("rope sin", a.rope_sin, device);
+    check_device_pointer("rope_positions", a.rope_positions, device);
+  }
   kv_append_cuda(a, device, stream);
 #else
   (void)stream;
   throw std::runtime_error(
       "kv_append: hybridkernels._C was built without CUDA; reinstall with nvcc available "
       "(see `hybridkernels info`)");
+#endif
+}
+
+View3 make_view3(const char* name, uintptr_t ptr, const std::vector<int64_t>& strides) {
+  HK_CHECK(ptr != 0, name, ": null data pointer");
+  HK_CHECK(strides.size() == 3, name, ": expected 3 strides, got ", strides.size());
+  View3 v{reinterpret_cast<void*>(ptr), {}};
+  for (int i = 0; i < 3; ++i) {
+    HK_CHECK(strides[i] >= 0, name, ": negative stride ", strides[i], " in dim ", i);
+    v.stride[i] = strides[i];
+  }
+  HK_CHECK(v.stride[2] == 1, name, ": the head dim must be contiguous (stride 1), got ", v.stride[2]);
+  return v;
+}
+
+void check_decode_sizes(const std::vector<int64_t>& q_shape,
+                        const std::vector<int64_t>& cache_shape, int64_t prefix_len, int dtype,
+                        int num_splits) {
+  HK_CHECK(q_shape.size() == 3, "q_shape: expected [B, Hq, D], got ", q_shape.size(), " dims");
+  HK_CHECK(cache_shape.size() == 4, "cache_shape: expected [B, Lmax, Hkv, D], got ",
+           cache_shape.size(), " dims");
+  const int64_t B = q_shape[0], Hq = q_shape[1], D = q_shape[2];
+  const int64_t Lmax = cache_shape[1], Hkv = cache_shape[2];
+  HK_CHECK(B >= 1 && Hq >= 1 && Lmax >= 1 && Hkv >= 1, "decode_attention: every size must be >= 1");
+  HK_CHECK(cache_shape[0] == B && cache_shape[3] == D, "cache_shape: expected [", B, ", Lmax, Hkv, ",
+           D, "] to match q, got [", cache_shape[0], ", ", Lmax, ", ", Hkv, ", ", cache_shape[3],
+           "]");
+  HK_CHECK(Hq % Hkv == 0, "decode_attention: q heads (", Hq,
+           ") must be a multiple of cache heads (", Hkv, ")");
+  HK_CHECK(D == 64 || D == 128, "decode_attention: head_dim ", D,
+           " is not supported by the compiled kernels (64, 128)");
+  HK_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
+           "dtype: expected a float code (0, 1, 2), got ", dtype);
+  HK_CHECK(prefix_len >= 0, "prefix_len: expected >= 0, got ", prefix_len);
+  HK_CHECK(num_splits >= 0 && num_splits <= 4096, "num_splits: expected 0 (auto) .. 4096, got ",
+           num_splits);
+}
+
+// (num_splits, workspace floats) decode_attention uses for these sizes on `device`.
+std::pair<int, int64_t> decode_plan(const std::vector<int64_t>& q_shape,
+                                    const std::vector<int64_t>& cache_shape, int64_t prefix_len,
+                                    int dtype, int num_splits, int device) {
+  check_decode_sizes(q_shape, cache_shape, prefix_len, dtype, num_splits);
+  HK_CHECK(device >= -1, "device: expected -1 (CPU) or a CUDA device index, got ", device);
+  int S = std::max(num_splits, 1);
+  if (device >= 0) {
+#ifdef HK_WITH_CUDA
+    S = decode_num_splits_cuda(q_shape[0], q_shape[1], cache_shape[2], q_shape[2], cache_shape[1],
+                               prefix_len, dtype, num_splits, device);
+#else
+    throw std::runtime_error(
+        "decode_attention: hybridkernels._C was built without CUDA; reinstall with nvcc "
+        "available (see `hybridkernels info`)");
+#endif
+    return {S, decode_workspace_floats(q_shape[0], q_shape[1], q_shape[2], S)};
+  }
+  return {S, 0};
+}
+
+#ifdef HK_WITH_CUDA
+void check_aligned16(const char* name, const void* ptr, const int64_t* strides, int outer,
+                     int64_t elem_size) {
+  HK_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, name,
+           ": the CUDA kernel needs a 16-byte aligned data pointer");
+  for (int i = 0; i < outer; ++i)
+    HK_CHECK((strides[i] * elem_size) % 16 == 0, name, ": stride ", strides[i], " of dim ", i,
+             " is not a multiple of 16 bytes (the CUDA kernel loads 16-byte vectors)");
+}
+#endif
+
+void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t cache_lens,
+                      uintptr_t k_prefix, uintptr_t v_prefix, uintptr_t out, uintptr_t lse,
+                      uintptr_t workspace, int64_t workspace_floats,
+                      const std::vector<int64_t>& q_shape, const std::vector<int64_t>& cache_shape,
+                      const std::vector<int64_t>& prefix_shape, int64_t prefix_len,
+                      const std::vector<int64_t>& q_strides,
+                      const std::vector<int64_t>& k_cache_strides,
+                      const std::vector<int64_t>& v_cache_strides,
+                      const std::vector<int64_t>& k_prefix_strides,
+                      const std::vector<int64_t>& v_prefix_strides,
+                      const std::vector<int64_t>& out_strides,
+                      const std::vector<int64_t>& lse_strides, double scale, int dtype,
+                      int cache_lens_dtype, int num_splits, int device, uintptr_t stream) {
+  check_decode_sizes(q_shape, cache_shape, prefix_len, dtype, num_splits);
+  HK_CHECK(device >= -1, "device: expected -1 (CPU) or a CUDA device index, got ", device);
+  HK_CHECK(cache_lens_dtype == kInt32, "cache_lens_dtype: expected int32 (3), got ",
+           cache_lens_dtype);
+  HK_CHECK(cache_lens != 0, "cache_lens: null data pointer");
+  HK_CHECK(lse != 0, "lse: null data pointer");
+  HK_CHECK(lse_strides.size() == 2 && lse_strides[0] >= 0 && lse_strides[1] >= 0,
+           "lse_strides: expected 2 non-negative strides");
+  HK_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  HK_CHECK(workspace_floats >= 0, "workspace_floats: expected >= 0, got ", workspace_floats);
+
+  DecodeArgs a{};
+  a.B = q_shape[0];
+  a.Hq = q_shape[1];
+  a.D = q_shape[2];
+  a.Lmax = cache_shape[1];
+  a.Hkv = cache_shape[2];
+  a.prefix_len = prefix_len;
+  a.dtype = dtype;
+  a.scale = static_cast<float>(scale);
+  a.q = make_view3("q", q, q_strides);
+  a.out = make_view3("out", out, out_strides);
+  a.k_cache = make_view("k_cache", k_cache, k_cache_strides);
+  a.v_cache = make_view("v_cache", v_cache, v_cache_strides);
+  HK_CHECK(a.k_cache.stride[3] == 1 && a.v_cache.stride[3] == 1,
+           "k_cache / v_cache: the head dim must be contiguous (stride 1)");
+  a.lse = reinterpret_cast<float*>(lse);
+  a.lse_stride[0] = lse_strides[0];
+  a.lse_stride[1] = lse_strides[1];
+  a.cache_lens = reinterpret_cast<const int32_t*>(cache_lens);
+  if (prefix_len > 0) {
+    HK_CHECK(prefix_shape.size() == 3, "prefix_shape: expected [Lp, Hkv, D], got ",
+             prefix_shape.size(), " dims");
+    HK_CHECK(prefix_shape[1] == a.Hkv && prefix_shape[2] == a.D, "prefix_shape: expected [Lp, ",
+             a.Hkv, ", ", a.D, "], got [", prefix_shape[0], ", ", prefix_shape[1], ", ",
+             prefix_shape[2], "]");
+    HK_CHECK(prefix_len <= prefix_shape[0], "prefix_len: ", prefix_len,
+             " exceeds the prefix tensors' ", prefix_shape[0], " rows");
+    a.k_prefix = make_view3("k_prefix", k_prefix, k_prefix_strides);
+    a.v_prefix = make_view3("v_prefix", v_prefix, v_prefix_strides);
+  }
+
+  const auto plan = decode_plan(q_shape, cache_shape, prefix_len, dtype, num_splits, device);
+  a.num_splits = plan.first;
+  if (device < 0) {
+    py::gil_scoped_release release;
+    decode_attention_cpu(a);
+    return;
+  }
+#ifdef HK_WITH_CUDA
+  HK_CHECK(workspace_floats >= plan.second, "workspace: ", plan.second,
+           " float32 values needed for ", plan.first, " splits, got ", workspace_floats);
+  HK_CHECK(plan.second == 0 || workspace != 0, "workspace: null data pointer");
+  a.workspace = reinterpret_cast<float*>(workspace);
+  const int64_t es = dtype_size(dtype);
+  check_aligned16("q", a.q.data, a.q.stride, 2, es);
+  check_aligned16("k_cache", a.k_cache.data, a.k_cache.stride, 3, es);
+  check_aligned16("v_cache", a.v_cache.data, a.v_cache.stride, 3, es);
+  check_device_pointer("q", a.q.data, device);
+  check_device_pointer("k_cache", a.k_cache.data, device);
+  check_device_pointer("v_cache", a.v_cache.data, device);
+  check_device_pointer("cache_lens", a.cache_lens, device);
+  check_device_pointer("out", a.out.data, device);
+  check_device_pointer("lse", a.lse, device);
+  if (plan.second > 0) check_device_pointer("workspace", a.workspace, device);
+  if (prefix_len > 0) {
+    check_aligned16("k_prefix", a.k_prefix.data, a.k_prefix.stride, 2, es);
+    check_aligned16("v_prefix", a.v_prefix.data, a.v_prefix.stride, 2, es);
+    check_device_pointer("k_prefix", a.k_prefix.data, device);
+    check_device_pointer("v_prefix", a.v_prefix.data, device);
+  }
+  decode_attention_cuda(a, device, stream);
+#else
+  (void)stream;
+  (void)workspace;
+  throw std::runtime_error("unreachable: decode_plan rejects CUDA devices without CUDA");
 #endif
 }
 
@@ -130,7 +351,32 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_new"), py::arg("positions"), py::arg("cache_shape"), py::arg("T"),
         py::arg("k_cache_strides"), py::arg("v_cache_strides"), py::arg("k_new_strides"),
         py::arg("v_new_strides"), py::arg("dtype"), py::arg("positions_dtype"),
-        py::arg("device"), py::arg("stream") = 0,
-        "Write T new K/V rows per sequence into [B, Lmax, H, D] caches at positions[b].");
+        py::arg("device"), py::arg("stream") = 0, py::arg("rope_cos") = 0,
+        py::arg("rope_sin") = 0, py::arg("rope_dtype") = 0,
+        py::arg("rope_shape") = std::vector<int64_t>{},
+        py::arg("rope_cos_strides") = std::vector<int64_t>{},
+        py::arg("rope_sin_strides") = std::vector<int64_t>{}, py::arg("rope_positions") = 0,
+        py::arg("rope_positions_dtype") = 4,
+        py::arg("rope_positions_shape") = std::vector<int64_t>{},
+        py::arg("rope_positions_strides") = std::vector<int64_t>{},
+        "Write T new K/V rows per sequence into [B, Lmax, H, D] caches at positions[b]; with\n"
+        "rope_cos / rope_sin (float32 [P, D/2] or [P, D]) the keys are rotated first\n"
+        "(rotate-half) at rope_positions ([B] start or [B, T]; default: positions).");
+  m.def("decode_plan", &hk::decode_plan, py::arg("q_shape"), py::arg("cache_shape"),
+        py::arg("prefix_len"), py::arg("dtype"), py::arg("num_splits"), py::arg("device"),
+        "(num_splits, workspace float32 count) of decode_attention for these sizes; num_splits\n"
+        "0 = automatic (from B x Hkv x length and the SM count).");
+  m.def("decode_attention", &hk::decode_attention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("cache_lens"), py::arg("k_prefix"), py::arg("v_prefix"),
+        py::arg("out"), py::arg("lse"), py::arg("workspace"), py::arg("workspace_floats"),
+        py::arg("q_shape"), py::arg("cache_shape"), py::arg("prefix_shape"),
+        py::arg("prefix_len"), py::arg("q_strides"), py::arg("k_cache_strides"),
+        py::arg("v_cache_strides"), py::arg("k_prefix_strides"), py::arg("v_prefix_strides"),
+        py::arg("out_strides"), py::arg("lse_strides"), py::arg("scale"), py::arg("dtype"),
+        py::arg("cache_lens_dtype"), py::arg("num_splits"), py::arg("device"),
+        py::arg("stream") = 0,
+        "Attention of one query per row (q [B, Hq, D]) over its first cache_lens[b] cache\n"
+        "slots ([B, Lmax, Hkv, D]) after an optional shared prefix ([Lp, Hkv, D], first\n"
+        "prefix_len rows); writes out [B, Hq, D] and lse [B, Hq] (float32, natural log).");
   m.def("build_info", &hk::build_info, "What this build of _C contains.");
 }

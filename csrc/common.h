@@ -55,18 +55,72 @@ struct View4 {
 
 // Arguments of kv_append after validation. Caches are [B, Lmax, H, D], new rows [B, T, H, D];
 // row b's tokens go to slots positions[b] .. positions[b] + T - 1.
+//
+// Optional RoPE (rotate-half, the HF Llama convention): when rope_cos is set, the key of row b,
+// token t is rotated by the table row p = rope_positions[b * rope_pos_stride[0] + t *
+// rope_pos_stride[1]] + t * rope_pos_step before it is written (rope_pos_step is 1 for start
+// positions [B], 0 for per-token positions [B, T]); with half = D / 2 and i < half, in float32:
+//   out[i]        = k[i] * cos[p, i] - k[i + half] * sin[p, i]
+//   out[i + half] = k[i + half] * cos[p, i] + k[i] * sin[p, i]
+// cos / sin are float32 tables with rope_rows rows; only their first `half` columns are read.
 struct KvAppendArgs {
   View4 k_cache, v_cache, k_new, v_new;
   const void* positions;
   int positions_dtype;  // kInt32 or kInt64
   int64_t B, T, Lmax, H, D;
   int64_t elem_size;
+  int dtype;  // float code of the caches and new rows
+  const float* rope_cos = nullptr;
+  const float* rope_sin = nullptr;
+  int64_t rope_rows = 0, rope_row_stride = 0;
+  const void* rope_positions = nullptr;
+  int rope_positions_dtype = kInt64;
+  int64_t rope_pos_stride[2] = {0, 0};
+  int64_t rope_pos_step = 1;
 };
 
+// A 3-d strided view ([Lp, H, D] prefixes, [B, H, D] queries and outputs), strides in elements.
+struct View3 {
+  void* data;
+  int64_t stride[3];
+};
+
+// Arguments of decode_attention after validation. q [B, Hq, D]; caches [B, Lmax, Hkv, D]; row b
+// attends the prefix keys 0 .. prefix_len - 1 (shared [Lp, Hkv, D] tensors) and then its own
+// slots 0 .. cache_lens[b] - 1; out [B, Hq, D] in q's dtype, lse [B, Hq] float32 (natural log).
+// Keys form one virtual sequence per row (prefix first) that is cut into num_splits ranges;
+// with more than one split, partial results go to the float32 workspace and a second kernel
+// merges them by log-sum-exp.
+struct DecodeArgs {
+  View3 q;
+  View4 k_cache, v_cache;
+  View3 k_prefix, v_prefix;  // data == nullptr when prefix_len == 0
+  View3 out;
+  float* lse;                // [B, Hq], strides lse_stride
+  int64_t lse_stride[2];
+  const int32_t* cache_lens;
+  float* workspace;          // num_splits > 1: o [B, Hq, S, D] then lse [B, Hq, S] (log2 units)
+  int64_t B, Hq, Hkv, D, Lmax, prefix_len;
+  int dtype;
+  float scale;
+  int num_splits;
+};
+
+// Number of float32 values of decode workspace a plan with `num_splits` needs.
+inline int64_t decode_workspace_floats(int64_t B, int64_t Hq, int64_t D, int num_splits) {
+  return num_splits > 1 ? B * Hq * int64_t(num_splits) * (D + 1) : 0;
+}
+
 void kv_append_cpu(const KvAppendArgs& a);
+// num_splits == 0: one pass per row (auto); > 0: that many splits merged like the CUDA path.
+void decode_attention_cpu(DecodeArgs a);
 #ifdef HK_WITH_CUDA
 // Launches on `stream`; throws std::runtime_error with the CUDA error string on failure.
 void kv_append_cuda(const KvAppendArgs& a, int device, uintptr_t stream);
+// Split count the CUDA path uses for these sizes on `device` (forced > 0 is returned as is).
+int decode_num_splits_cuda(int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Lmax,
+                           int64_t prefix_len, int dtype, int forced, int device);
+void decode_attention_cuda(const DecodeArgs& a, int device, uintptr_t stream);
 #endif
 
 }  // namespace hk

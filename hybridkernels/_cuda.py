@@ -63,16 +63,23 @@ def _device_and_stream(t: torch.Tensor) -> tuple[int, int]:
     return -1, 0
 
 
+def _strides(t: torch.Tensor | None) -> list[int]:
+    return [] if t is None else list(t.stride())
+
+
 @torch.library.custom_op("hybridkernels::kv_append", mutates_args=("k_cache", "v_cache"))
-def kv_append(
+def _kv_append_op(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     positions: torch.Tensor,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    rope_positions: torch.Tensor | None = None,
 ) -> None:
-    """``_C.kv_append`` on torch tensors (validated by ``hybridkernels.ops.kv_append``)."""
     device, stream = _device_and_stream(k_cache)
+    rope = rope_cos is not None
     _C.kv_append(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
@@ -89,9 +96,187 @@ def kv_append(
         DTYPE_CODES[positions.dtype],
         device,
         stream,
+        rope_cos=rope_cos.data_ptr() if rope else 0,
+        rope_sin=rope_sin.data_ptr() if rope else 0,
+        rope_dtype=DTYPE_CODES[rope_cos.dtype] if rope else 0,
+        rope_shape=list(rope_cos.shape) if rope else [],
+        rope_cos_strides=_strides(rope_cos),
+        rope_sin_strides=_strides(rope_sin),
+        rope_positions=rope_positions.data_ptr() if rope and rope_positions is not None else 0,
+        rope_positions_dtype=DTYPE_CODES[rope_positions.dtype] if rope_positions is not None else 4,
+        rope_positions_shape=list(rope_positions.shape) if rope_positions is not None else [],
+        rope_positions_strides=_strides(rope_positions),
     )
 
 
-@kv_append.register_fake
-def _(k_cache, v_cache, k_new, v_new, positions) -> None:
+@_kv_append_op.register_fake
+def _(k_cache, v_cache, k_new, v_new, positions, rope_cos=None, rope_sin=None, rope_positions=None):
     return None
+
+
+def kv_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope_positions: torch.Tensor | None = None,
+) -> None:
+    """``_C.kv_append`` on torch tensors (validated by ``hybridkernels.ops.kv_append``)."""
+    cos, sin = rope if rope is not None else (None, None)
+    _kv_append_op(k_cache, v_cache, k_new, v_new, positions, cos, sin, rope_positions)
+
+
+def _decode_launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    k_prefix: torch.Tensor | None,
+    v_prefix: torch.Tensor | None,
+    prefix_len: int,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> None:
+    device, stream = _device_and_stream(q)
+    dtype = DTYPE_CODES[q.dtype]
+    splits, ws_floats = _C.decode_plan(
+        list(q.shape), list(k_cache.shape), prefix_len, dtype, num_splits, device
+    )
+    # The split kernel's partial results; from torch's allocator, so CUDA graphs can capture it.
+    ws = torch.empty(ws_floats, dtype=torch.float32, device=q.device) if ws_floats else None
+    has_prefix = prefix_len > 0
+    _C.decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        cache_lens.data_ptr(),
+        k_prefix.data_ptr() if has_prefix else 0,
+        v_prefix.data_ptr() if has_prefix else 0,
+        out.data_ptr(),
+        lse.data_ptr(),
+        ws.data_ptr() if ws is not None else 0,
+        ws_floats,
+        list(q.shape),
+        list(k_cache.shape),
+        list(k_prefix.shape) if has_prefix else [],
+        prefix_len,
+        list(q.stride()),
+        list(k_cache.stride()),
+        list(v_cache.stride()),
+        _strides(k_prefix) if has_prefix else [],
+        _strides(v_prefix) if has_prefix else [],
+        list(out.stride()),
+        list(lse.stride()),
+        scale,
+        dtype,
+        DTYPE_CODES[cache_lens.dtype],
+        splits,
+        device,
+        stream,
+    )
+
+
+@torch.library.custom_op("hybridkernels::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    k_prefix: torch.Tensor | None,
+    v_prefix: torch.Tensor | None,
+    prefix_len: int,
+    scale: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, D = q.shape
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    _decode_launch(
+        q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, out, lse, scale, num_splits
+    )
+    return out, lse
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, scale, num_splits):
+    B, Hq, D = q.shape
+    return q.new_empty(B, Hq, D), q.new_empty(B, Hq, dtype=torch.float32)
+
+
+@torch.library.custom_op("hybridkernels::decode_attention_out", mutates_args=("out", "lse"))
+def _decode_attention_out_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    k_prefix: torch.Tensor | None,
+    v_prefix: torch.Tensor | None,
+    prefix_len: int,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> None:
+    _decode_launch(
+        q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, out, lse, scale, num_splits
+    )
+
+
+@_decode_attention_out_op.register_fake
+def _(q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, out, lse, scale, num_splits):
+    return None
+
+
+def _decode_inputs(q, prefix, scale):
+    k_prefix, v_prefix, prefix_len = prefix if prefix is not None else (None, None, 0)
+    if prefix_len == 0:
+        k_prefix = v_prefix = None
+    return k_prefix, v_prefix, int(prefix_len), float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    return_lse: bool = False,
+    num_splits: int = 0,
+):
+    """``_C.decode_attention`` on torch tensors (validated by ``hybridkernels.ops.decode_attention``).
+
+    ``num_splits``: 0 picks the split count from the sizes and the GPU (one pass on the CPU); a
+    positive count forces that many splits (tests use it to exercise the merge on either device).
+    """
+    k_prefix, v_prefix, prefix_len, scale = _decode_inputs(q, prefix, scale)
+    out, lse = _decode_attention_op(
+        q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, scale, num_splits
+    )
+    return (out, lse) if return_lse else out
+
+
+def decode_attention_out(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    num_splits: int = 0,
+) -> None:
+    """Like :func:`decode_attention` but writes into ``out [B, Hq, D]`` (q's dtype, head dim
+    contiguous) and ``lse [B, Hq]`` float32: static buffers for CUDA graphs."""
+    k_prefix, v_prefix, prefix_len, scale = _decode_inputs(q, prefix, scale)
+    _decode_attention_out_op(
+        q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, out, lse, scale, num_splits
+    )

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import reference
+from .. import _cuda, reference
 from ._checks import (
     FLOAT_DTYPES,
     check_head_dim,
@@ -20,8 +20,25 @@ from ._dispatch import choose_backend
 
 OP = "decode_attention"
 
-IMPLEMENTATIONS = {"reference": reference.decode_attention}
+IMPLEMENTATIONS = {"cuda": _cuda.decode_attention, "reference": reference.decode_attention}
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cuda", "reference")}
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def _cuda_reason(D: int, tensors: list[torch.Tensor]) -> str | None:
+    """Why the ``_C`` kernels cannot take these inputs (head dim; 16-byte rows on a GPU)."""
+    if D not in CUDA_HEAD_DIMS:
+        return f"the compiled decode kernels support head_dim {CUDA_HEAD_DIMS}, got {D}"
+    for t in tensors:
+        if t.device.type != "cuda":
+            continue
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return (
+                "the CUDA decode kernel loads 16-byte vectors: data pointers and outer strides of "
+                "q, caches and prefix must be multiples of 16 bytes"
+            )
+    return None
 
 
 def decode_attention(
@@ -46,7 +63,8 @@ def decode_attention(
             ``0 <= prefix_len <= Lp``: keys every row attends before its own (cascade).
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, Hq]`` float32.
-        backend: ``"cuda"``, ``"triton"``, ``"reference"`` or None (env, then auto).
+        backend: ``"cuda"`` (the ``_C`` extension: CUDA kernels on a GPU, its C++ path on the
+            CPU; ``D`` in {64, 128}), ``"triton"``, ``"reference"`` or None (env, then auto).
 
     Returns ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
@@ -87,10 +105,12 @@ def decode_attention(
             row = int(bad.nonzero()[0, 0])
             raise ValueError(
                 f"{OP}: cache_lens[{row}] = {int(cache_lens[row])}; expected {low} <= cache_lens "
-                f"<= Lmax = {Lmax}"
-                + ("" if prefix_len else " (a row must attend at least one key)")
+                f"<= Lmax = {Lmax}" + ("" if prefix_len else " (a row must attend at least one key)")
             )
-    name = choose_backend(OP, backend, dev, tuple(IMPLEMENTATIONS), AUTO_ORDER)
+    tensors = [q, k_cache, v_cache] + ([prefix[0], prefix[1]] if prefix_len else [])
+    name = choose_backend(
+        OP, backend, dev, tuple(IMPLEMENTATIONS), AUTO_ORDER, {"cuda": _cuda_reason(D, tensors)}
+    )
     return IMPLEMENTATIONS[name](
         q, k_cache, v_cache, cache_lens, scale=scale, prefix=prefix, return_lse=return_lse
     )
