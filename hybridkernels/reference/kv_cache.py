@@ -18,6 +18,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
+    cos, sin = cos.float(), sin.float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
