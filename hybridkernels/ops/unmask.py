@@ -23,7 +23,15 @@ from ._dispatch import choose_backend
 OP = "unmask_step"
 REMASKING = ("low_confidence", "random")
 
-IMPLEMENTATIONS = {"reference": reference.unmask_step}
+
+def _triton_unmask_step(x, **kwargs) -> UnmaskResult:
+    # Imported on first use: importing hybridkernels must not import triton.
+    from ..triton.unmask import unmask_step as triton_unmask_step
+
+    return triton_unmask_step(x, **kwargs)
+
+
+IMPLEMENTATIONS = {"triton": _triton_unmask_step, "reference": reference.unmask_step}
 AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
 
 
@@ -90,12 +98,8 @@ def unmask_step(
     else:
         if hidden is None or lm_head is None:
             raise ValueError(f"{OP}: the fused path needs both hidden and lm_head")
-        check_tensor(
-            OP, "hidden", hidden, ndim=3, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True
-        )
-        check_tensor(
-            OP, "lm_head", lm_head, ndim=2, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True
-        )
+        check_tensor(OP, "hidden", hidden, ndim=3, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
+        check_tensor(OP, "lm_head", lm_head, ndim=2, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
         check_same_dtype(OP, "hidden", hidden, lm_head=lm_head)
         Lr, d = hidden.shape[1], hidden.shape[2]
         V = lm_head.shape[0]
@@ -108,11 +112,11 @@ def unmask_step(
     mask_id = check_int(OP, "mask_id", mask_id, low=0, high=V - 1)
     banned = _token_ids("banned_token_ids", banned_token_ids, V)
     deferred = _token_ids("deferred_token_ids", deferred_token_ids, V)
+    if len(set(banned)) == V:
+        raise ValueError(f"{OP}: banned_token_ids covers the whole vocabulary (V = {V}); no token is left")
     if remasking not in REMASKING:
         raise ValueError(f"{OP}: remasking must be one of {REMASKING}, got {remasking!r}")
-    if not (
-        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0
-    ):
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"{OP}: temperature must be a finite number >= 0, got {temperature!r}")
     if seed is not None and generator is not None:
         raise ValueError(f"{OP}: give seed or generator, not both")

@@ -1,0 +1,709 @@
+"""Triton backend of ``unmask_step``: argmax, confidence, Gumbel sampling and the commit in two passes.
+
+1. Partials, one program per (masked row or tile of masked rows, vocabulary split): a single pass
+   over the split in vocabulary tiles keeps per row the running max, its first index (torch.argmax's
+   tie rule), the sum of ``exp(score - max)`` and, at temperature > 0, the max / index / raw score
+   of ``score / T + Gumbel``. The scores come either from ``logits [B, Lr, V]``
+   (:func:`_logits_partials_kernel`) or from ``hidden [B, Lr, d] @ lm_head[V, d].T`` computed tile
+   by tile with ``tl.dot`` (:func:`_lm_head_partials_kernel`); there no ``[B, Lr, V]`` tensor exists.
+2. Commit (:func:`_commit_kernel`), one program per (sequence, block of rows): merges the splits of
+   each row into its candidate and confidence, ranks the sequence's masked rows (confidence
+   descending, lowest position first on ties), commits ``rank < num_transfer[b]`` or the threshold
+   rule, and writes ``x`` in place.
+
+Randomness is counter-based: the Gumbel noise of (row, token) is ``tl.rand(seed, row * V + token)``
+and the ``random`` remasking draw of a row is another Philox word of the counter ``row * V``, so
+results do not depend on the tiling or the split. ``seed`` is drawn from the op's generator on the
+device (no host sync), which keeps the step capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.unmask import UnmaskResult
+from .registry import CompileCase, compile_cases
+
+NEG_INF = float("-inf")
+
+# Logits path: a program streams one row's vocabulary split in BLOCK_V tiles.
+LOGITS_CONFIGS = [
+    triton.Config({"BLOCK_V": 1024}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_V": 2048}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_V": 4096}, num_warps=8, num_stages=2),
+]
+LOGITS_SPLIT_ALIGN = 4096  # splits are whole numbers of the largest BLOCK_V
+
+# Fused path: vocabulary is the MMA's M side (BLOCK_V >= 64, so Hopper uses wgmma), masked rows are
+# its N side (swap-AB: few rows at batch 1, up to BLOCK_R at large batch).
+LM_HEAD_CONFIGS = [
+    triton.Config({"BLOCK_V": 128, "BLOCK_R": 16, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_V": 128, "BLOCK_R": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_V": 128, "BLOCK_R": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_V": 128, "BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_V": 256, "BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+LM_HEAD_SPLIT_ALIGN = 256
+LM_HEAD_ROWS_PER_TILE_ESTIMATE = 64  # to size the split count before the autotuner picks BLOCK_R
+
+COMMIT_BLOCK = 32  # rows per commit program and per step of its ranking loop
+PROGRAMS_PER_SM = 2
+
+# Small fixed configurations for the CPU interpreter (it does not autotune).
+INTERPRETER_LOGITS_CONFIG = {"BLOCK_V": 64}
+INTERPRETER_LM_HEAD_CONFIG = {"BLOCK_V": 32, "BLOCK_R": 16, "BLOCK_K": 32}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device functions
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ban(scores, offs_v, banned_ptr, n_banned):
+    """Set the scores of the ``n_banned`` token ids at ``banned_ptr`` to -inf (vocab on axis 0)."""
+    for i in range(n_banned):
+        token = tl.load(banned_ptr + i)
+        scores = tl.where(offs_v[:, None] == token, float("-inf"), scores)
+    return scores
+
+
+@triton.jit
+def _fold_tile(
+    scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, seed, inv_temp, V, SAMPLE: tl.constexpr
+):
+    """Fold a ``[BLOCK_V, R]`` tile (vocabulary on axis 0, -inf outside it) into per-row running stats.
+
+    ``m``/``arg``: max and its first index; ``s``: sum of ``exp(score - m)``; with ``SAMPLE``,
+    ``gmax``/``garg``/``glogit``: max of ``score * inv_temp + Gumbel``, its index and raw score.
+    """
+    t_max, t_arg = tl.max(scores, axis=0, return_indices=True)
+    new_m = tl.maximum(m, t_max)
+    arg = tl.where(t_max > m, v0 + t_arg, arg)  # strict: an earlier tile keeps a tie
+    ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+    s = s * tl.exp(m - ref) + tl.sum(tl.exp(scores - ref[None, :]), axis=0)
+    if SAMPLE:
+        u = tl.rand(seed, rows[None, :].to(tl.int64) * V + offs_v[:, None])
+        perturbed = scores * inv_temp - tl.log(-tl.log(u))
+        t_g, t_garg = tl.max(perturbed, axis=0, return_indices=True)
+        hit = (offs_v - v0)[:, None] == t_garg[None, :]
+        t_logit = tl.max(tl.where(hit, scores, float("-inf")), axis=0)
+        better = t_g > gmax
+        garg = tl.where(better, v0 + t_garg, garg)
+        glogit = tl.where(better, t_logit, glogit)
+        gmax = tl.maximum(gmax, t_g)
+    return new_m, s, arg, gmax, garg, glogit
+
+
+@triton.jit
+def _store_partials(
+    part_f_ptr, part_i_ptr, idx, mask, n_part, m, s, arg, gmax, garg, glogit, SAMPLE: tl.constexpr
+):
+    """Partials layout: float32 ``[4, n_part]`` (max, sumexp, gumbel max, its logit) and int32
+    ``[2, n_part]`` (argmax, gumbel argmax); ``idx = row * n_splits + split``."""
+    tl.store(part_f_ptr + idx, m, mask=mask)
+    tl.store(part_f_ptr + n_part + idx, s, mask=mask)
+    tl.store(part_i_ptr + idx, arg, mask=mask)
+    if SAMPLE:
+        tl.store(part_f_ptr + 2 * n_part + idx, gmax, mask=mask)
+        tl.store(part_f_ptr + 3 * n_part + idx, glogit, mask=mask)
+        tl.store(part_i_ptr + n_part + idx, garg, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1a: partials from logits
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_partials_kernel(
+    logits_ptr,
+    committable_ptr,
+    banned_ptr,
+    seed_ptr,
+    part_f_ptr,
+    part_i_ptr,
+    Lr,
+    V,
+    n_banned,
+    split_len,
+    n_splits,
+    n_part,
+    stride_lb,
+    stride_ll,
+    stride_lv,
+    inv_temp,
+    SAMPLE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * Lr + r
+    split = tl.program_id(1)
+    if tl.load(committable_ptr + row) == 0:
+        return
+    b = row // Lr
+    base = logits_ptr + b.to(tl.int64) * stride_lb + (row - b * Lr).to(tl.int64) * stride_ll
+    rows = tl.full([1], row, tl.int32)
+    seed = tl.load(seed_ptr) if SAMPLE else 0
+    v_start = split * split_len
+    v_end = tl.minimum(v_start + split_len, V)
+
+    m = tl.full([1], float("-inf"), tl.float32)
+    s = tl.zeros([1], tl.float32)
+    arg = tl.zeros([1], tl.int32)
+    gmax = tl.full([1], float("-inf"), tl.float32)
+    garg = tl.zeros([1], tl.int32)
+    glogit = tl.full([1], float("-inf"), tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        scores = tl.load(
+            base + offs_v[:, None].to(tl.int64) * stride_lv, mask=offs_v[:, None] < v_end, other=float("-inf")
+        ).to(tl.float32)
+        scores = _ban(scores, offs_v, banned_ptr, n_banned)
+        m, s, arg, gmax, garg, glogit = _fold_tile(
+            scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, seed, inv_temp, V, SAMPLE
+        )
+    idx = rows * n_splits + split
+    _store_partials(part_f_ptr, part_i_ptr, idx, rows >= 0, n_part, m, s, arg, gmax, garg, glogit, SAMPLE)
+
+
+_logits_partials_tuned = triton.autotune(LOGITS_CONFIGS, key=["V", "split_len", "SAMPLE"])(
+    _logits_partials_kernel
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1b: partials from hidden states and the LM head (fused: no [B, Lr, V] tensor)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lm_head_partials_kernel(
+    hidden_ptr,
+    weight_ptr,
+    rows_ptr,
+    n_rows_ptr,
+    banned_ptr,
+    seed_ptr,
+    part_f_ptr,
+    part_i_ptr,
+    Lr,
+    V,
+    D,
+    n_banned,
+    split_len,
+    n_splits,
+    n_part,
+    stride_hb,
+    stride_hl,
+    stride_wv,
+    inv_temp,
+    SAMPLE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    split = tl.program_id(1)
+    n_rows = tl.load(n_rows_ptr)  # masked rows, gathered to the front of rows_ptr
+    if pid_r * BLOCK_R >= n_rows:
+        return
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n_rows
+    rows = tl.load(rows_ptr + offs_r, mask=row_ok, other=0)  # b * Lr + r
+    b = rows // Lr
+    h_rows = hidden_ptr + b.to(tl.int64) * stride_hb + (rows - b * Lr).to(tl.int64) * stride_hl
+    offs_k = tl.arange(0, BLOCK_K)
+    seed = tl.load(seed_ptr) if SAMPLE else 0
+    v_start = split * split_len
+    v_end = tl.minimum(v_start + split_len, V)
+
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_R], tl.float32)
+    arg = tl.zeros([BLOCK_R], tl.int32)
+    gmax = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    garg = tl.zeros([BLOCK_R], tl.int32)
+    glogit = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < v_end
+        w_ptrs = weight_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_k[None, :]
+        h_ptrs = h_rows[None, :] + offs_k[:, None]
+        acc = tl.zeros([BLOCK_V, BLOCK_R], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = offs_k < D - k0
+            w = tl.load(w_ptrs, mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+            h = tl.load(h_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+            acc = tl.dot(w, h, acc, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+            h_ptrs += BLOCK_K
+        scores = tl.where(v_ok[:, None], acc, float("-inf"))
+        scores = _ban(scores, offs_v, banned_ptr, n_banned)
+        m, s, arg, gmax, garg, glogit = _fold_tile(
+            scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, seed, inv_temp, V, SAMPLE
+        )
+    idx = rows * n_splits + split
+    _store_partials(part_f_ptr, part_i_ptr, idx, row_ok, n_part, m, s, arg, gmax, garg, glogit, SAMPLE)
+
+
+_lm_head_partials_tuned = triton.autotune(LM_HEAD_CONFIGS, key=["V", "D", "split_len", "n_part", "SAMPLE"])(
+    _lm_head_partials_kernel
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 2: merge the splits, rank, commit
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _merge_splits(
+    part_f_ptr,
+    part_i_ptr,
+    rows,
+    ok,
+    n_splits,
+    n_part,
+    deferred_ptr,
+    n_deferred,
+    seed,
+    V,
+    SAMPLE: tl.constexpr,
+    RANDOM: tl.constexpr,
+):
+    """Candidate token and confidence of ``rows`` from their per-split partials (splits in
+    vocabulary order, so a strict ``>`` keeps the first index on ties, as torch.argmax)."""
+    m = tl.full(rows.shape, float("-inf"), tl.float32)
+    s = tl.zeros(rows.shape, tl.float32)
+    arg = tl.zeros(rows.shape, tl.int32)
+    gmax = tl.full(rows.shape, float("-inf"), tl.float32)
+    garg = tl.zeros(rows.shape, tl.int32)
+    glogit = tl.full(rows.shape, float("-inf"), tl.float32)
+    for split in range(n_splits):
+        idx = rows * n_splits + split
+        p_m = tl.load(part_f_ptr + idx, mask=ok, other=float("-inf"))
+        p_s = tl.load(part_f_ptr + n_part + idx, mask=ok, other=0.0)
+        p_arg = tl.load(part_i_ptr + idx, mask=ok, other=0)
+        new_m = tl.maximum(m, p_m)
+        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - ref) + p_s * tl.exp(p_m - ref)
+        arg = tl.where(p_m > m, p_arg, arg)
+        m = new_m
+        if SAMPLE:
+            p_g = tl.load(part_f_ptr + 2 * n_part + idx, mask=ok, other=float("-inf"))
+            p_logit = tl.load(part_f_ptr + 3 * n_part + idx, mask=ok, other=float("-inf"))
+            p_garg = tl.load(part_i_ptr + n_part + idx, mask=ok, other=0)
+            better = p_g > gmax
+            garg = tl.where(better, p_garg, garg)
+            glogit = tl.where(better, p_logit, glogit)
+            gmax = tl.maximum(gmax, p_g)
+    # Rows that were not loaded (ok False) have m = -inf and s = 0: keep them NaN-free.
+    m = tl.where(ok, m, 0.0)
+    s = tl.where(ok, s, 1.0)
+    if SAMPLE:
+        candidate = garg
+        confidence = tl.exp(tl.where(ok, glogit, 0.0) - m) / s
+    else:
+        candidate = arg
+        confidence = 1.0 / s  # exp(max - max) / sumexp
+    if RANDOM:
+        _, word, _, _ = tl.randint4x(seed, rows.to(tl.int64) * V)
+        confidence = tl.uint_to_uniform_float(word)
+    for i in range(n_deferred):
+        confidence = tl.where(candidate == tl.load(deferred_ptr + i), float("-inf"), confidence)
+    return candidate, confidence
+
+
+@triton.jit
+def _commit_kernel(
+    x_ptr,
+    committable_ptr,
+    num_transfer_ptr,
+    part_f_ptr,
+    part_i_ptr,
+    deferred_ptr,
+    seed_ptr,
+    tokens_ptr,
+    confidence_ptr,
+    committed_ptr,
+    Lr,
+    V,
+    start,
+    n_splits,
+    n_part,
+    n_deferred,
+    stride_xb,
+    stride_xl,
+    threshold,
+    SAMPLE: tl.constexpr,
+    RANDOM: tl.constexpr,
+    USE_THRESHOLD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs_i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok_i = offs_i < Lr
+    rows_i = b * Lr + offs_i
+    seed = tl.load(seed_ptr) if (SAMPLE or RANDOM) else 0
+    com_i = (tl.load(committable_ptr + rows_i, mask=ok_i, other=0) != 0) & ok_i
+    cand_i, conf_i = _merge_splits(
+        part_f_ptr,
+        part_i_ptr,
+        rows_i,
+        com_i,
+        n_splits,
+        n_part,
+        deferred_ptr,
+        n_deferred,
+        seed,
+        V,
+        SAMPLE,
+        RANDOM,
+    )
+    conf_i = tl.where(com_i, conf_i, float("-inf"))
+
+    # rank = number of masked rows ahead: higher confidence, or equal and at a lower position.
+    rank = tl.zeros([BLOCK], tl.int32)
+    for j0 in range(0, Lr, BLOCK):
+        offs_j = j0 + tl.arange(0, BLOCK)
+        ok_j = offs_j < Lr
+        rows_j = b * Lr + offs_j
+        com_j = (tl.load(committable_ptr + rows_j, mask=ok_j, other=0) != 0) & ok_j
+        _, conf_j = _merge_splits(
+            part_f_ptr,
+            part_i_ptr,
+            rows_j,
+            com_j,
+            n_splits,
+            n_part,
+            deferred_ptr,
+            n_deferred,
+            seed,
+            V,
+            SAMPLE,
+            RANDOM,
+        )
+        ahead = (conf_j[None, :] > conf_i[:, None]) | (
+            (conf_j[None, :] == conf_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
+        )
+        rank += tl.sum((ahead & com_j[None, :]).to(tl.int32), axis=1)
+
+    if USE_THRESHOLD:
+        chosen = (conf_i >= threshold) | (rank == 0)
+    else:
+        chosen = rank < tl.load(num_transfer_ptr + b).to(tl.int32)
+    chosen = chosen & com_i
+
+    x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + (start + offs_i).to(tl.int64) * stride_xl
+    current = tl.load(x_ptrs, mask=ok_i, other=0)
+    tokens = tl.where(com_i, cand_i.to(tl.int64), current)
+    tl.store(x_ptrs, tokens, mask=chosen)
+    tl.store(tokens_ptr + rows_i, tokens, mask=ok_i)
+    tl.store(confidence_ptr + rows_i, conf_i, mask=ok_i)
+    tl.store(committed_ptr + rows_i, chosen.to(tl.uint8), mask=ok_i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrapper
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=64)
+def _token_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The token ids as an int32 device tensor (cached: no host-to-device copy per step)."""
+    return torch.tensor(ids or (0,), dtype=torch.int32, device=device)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: a few splits, so CPU tests exercise the merge
+
+
+def _split_length(V: int, programs_per_split: int, target: int, align: int) -> int:
+    """Vocabulary entries per split: enough splits that ``programs_per_split * splits`` fills the
+    device, each a multiple of ``align``."""
+    n = max(1, min(triton.cdiv(target, max(programs_per_split, 1)), triton.cdiv(V, align)))
+    return triton.cdiv(triton.cdiv(V, n), align) * align
+
+
+def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A Philox seed as an int64 ``[1]`` tensor on ``device``, drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
+    return seed.to(device)
+
+
+def unmask_step(
+    x: torch.Tensor,
+    *,
+    logits: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+    lm_head: torch.Tensor | None = None,
+    mask_id: int,
+    start: int = 0,
+    num_transfer: torch.Tensor | None = None,
+    threshold: float | None = None,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    banned_token_ids=(),
+    deferred_token_ids=(),
+    generator: torch.Generator | None = None,
+    config: dict | None = None,
+    split_len: int | None = None,
+) -> UnmaskResult:
+    """Triton ``unmask_step`` (arguments already checked by :func:`hybridkernels.ops.unmask_step`).
+
+    ``config`` (e.g. ``{"BLOCK_V": 64}``, or ``{"BLOCK_V", "BLOCK_R", "BLOCK_K"}`` for the fused
+    path, plus optional ``num_warps``/``num_stages``) skips the autotuner; ``split_len`` (a multiple
+    of ``BLOCK_V``) fixes the vocabulary split. Both are for tests and tuning.
+    """
+    device = x.device
+    B, _ = x.shape
+    fused = logits is None
+    if fused:
+        _, Lr, D = hidden.shape
+        V = lm_head.shape[0]
+    else:
+        _, Lr, V = logits.shape
+    n_rows = B * Lr
+    sample = temperature > 0
+    random = remasking == "random"
+    interpret = _interpreting(device)
+    if config is None and interpret:
+        config = INTERPRETER_LM_HEAD_CONFIG if fused else INTERPRETER_LOGITS_CONFIG
+
+    committable = x[:, start : start + Lr] == mask_id  # [B, Lr], a fresh contiguous tensor
+    committable_u8 = committable.view(torch.uint8)
+    banned = _token_tensor(tuple(banned_token_ids), device)
+    deferred = _token_tensor(tuple(deferred_token_ids), device)
+    seed = _draw_seed(generator, device) if (sample or random) else banned  # unused when neither
+    inv_temp = 1.0 / temperature if sample else 1.0
+
+    if split_len is None:
+        if fused:
+            align = LM_HEAD_SPLIT_ALIGN if config is None else config["BLOCK_V"]
+            per_split = triton.cdiv(
+                n_rows, LM_HEAD_ROWS_PER_TILE_ESTIMATE if config is None else config["BLOCK_R"]
+            )
+        else:
+            align = LOGITS_SPLIT_ALIGN if config is None else config["BLOCK_V"]
+            per_split = n_rows
+        split_len = _split_length(V, per_split, _target_programs(device), align)
+    n_splits = triton.cdiv(V, split_len)
+    n_part = n_rows * n_splits
+    part_f = torch.empty((4 if sample else 2, n_part), dtype=torch.float32, device=device)
+    part_i = torch.empty((2 if sample else 1, n_part), dtype=torch.int32, device=device)
+
+    launch = {} if config is None else dict(config)
+    if fused:
+        flat = committable_u8.reshape(-1)
+        rows = torch.sort(flat, descending=True, stable=True).indices.to(torch.int32)  # masked first
+        count = flat.sum(dtype=torch.int32).reshape(1)
+        kernel = _lm_head_partials_tuned if config is None else _lm_head_partials_kernel
+        kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_splits)](
+            hidden,
+            lm_head,
+            rows,
+            count,
+            banned,
+            seed,
+            part_f,
+            part_i,
+            Lr,
+            V,
+            D,
+            len(banned_token_ids),
+            split_len,
+            n_splits,
+            n_part,
+            hidden.stride(0),
+            hidden.stride(1),
+            lm_head.stride(0),
+            inv_temp,
+            SAMPLE=sample,
+            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+            **launch,
+        )
+    else:
+        kernel = _logits_partials_tuned if config is None else _logits_partials_kernel
+        kernel[(n_rows, n_splits)](
+            logits,
+            committable_u8,
+            banned,
+            seed,
+            part_f,
+            part_i,
+            Lr,
+            V,
+            len(banned_token_ids),
+            split_len,
+            n_splits,
+            n_part,
+            logits.stride(0),
+            logits.stride(1),
+            logits.stride(2),
+            inv_temp,
+            SAMPLE=sample,
+            **launch,
+        )
+
+    tokens = torch.empty((B, Lr), dtype=torch.int64, device=device)
+    confidence = torch.empty((B, Lr), dtype=torch.float32, device=device)
+    committed = torch.empty((B, Lr), dtype=torch.bool, device=device)
+    use_threshold = threshold is not None
+    _commit_kernel[(B, triton.cdiv(Lr, COMMIT_BLOCK))](
+        x,
+        committable_u8,
+        committable_u8 if use_threshold else num_transfer,
+        part_f,
+        part_i,
+        deferred,
+        seed,
+        tokens,
+        confidence,
+        committed.view(torch.uint8),
+        Lr,
+        V,
+        start,
+        n_splits,
+        n_part,
+        len(deferred_token_ids),
+        x.stride(0),
+        x.stride(1),
+        float(threshold) if use_threshold else 0.0,
+        SAMPLE=sample,
+        RANDOM=random,
+        USE_THRESHOLD=use_threshold,
+        BLOCK=COMMIT_BLOCK,
+        num_warps=4,
+    )
+    return UnmaskResult(x, committed, tokens, confidence)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile cases (every autotune config x dtype x compile-time variant)
+# ----------------------------------------------------------------------------------------------
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@compile_cases
+def _unmask_compile_cases():
+    for dtype, ptr in _PTR.items():
+        for sample in (False, True):
+            for cfg in LOGITS_CONFIGS:
+                yield CompileCase(
+                    kernel=_logits_partials_kernel,
+                    signature={
+                        "logits_ptr": ptr,
+                        "committable_ptr": "*u8",
+                        "banned_ptr": "*i32",
+                        "seed_ptr": "*i64",
+                        "part_f_ptr": "*fp32",
+                        "part_i_ptr": "*i32",
+                        **dict.fromkeys(
+                            (
+                                "Lr",
+                                "V",
+                                "n_banned",
+                                "split_len",
+                                "n_splits",
+                                "n_part",
+                                "stride_lb",
+                                "stride_ll",
+                            ),
+                            "i32",
+                        ),
+                        "stride_lv": "i32",
+                        "inv_temp": "fp32",
+                        "SAMPLE": "constexpr",
+                        "BLOCK_V": "constexpr",
+                    },
+                    constexprs={"SAMPLE": sample, **cfg.kwargs},
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    name=f"unmask_logits_partials[{_DTYPE_NAME[dtype]}, sample={sample}, {cfg.kwargs}]",
+                )
+            for cfg in LM_HEAD_CONFIGS:
+                yield CompileCase(
+                    kernel=_lm_head_partials_kernel,
+                    signature={
+                        "hidden_ptr": ptr,
+                        "weight_ptr": ptr,
+                        "rows_ptr": "*i32",
+                        "n_rows_ptr": "*i32",
+                        "banned_ptr": "*i32",
+                        "seed_ptr": "*i64",
+                        "part_f_ptr": "*fp32",
+                        "part_i_ptr": "*i32",
+                        **dict.fromkeys(
+                            ("Lr", "V", "D", "n_banned", "split_len", "n_splits", "n_part"), "i32"
+                        ),
+                        **dict.fromkeys(("stride_hb", "stride_hl", "stride_wv"), "i32"),
+                        "inv_temp": "fp32",
+                        **dict.fromkeys(
+                            ("SAMPLE", "DOT_PRECISION", "BLOCK_V", "BLOCK_R", "BLOCK_K"), "constexpr"
+                        ),
+                    },
+                    constexprs={
+                        "SAMPLE": sample,
+                        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                        **cfg.kwargs,
+                    },
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    name=f"unmask_lm_head_partials[{_DTYPE_NAME[dtype]}, sample={sample}, {cfg.kwargs}]",
+                    hopper_features=() if dtype == torch.float32 else ("wgmma",),
+                )
+    for sample in (False, True):
+        for random in (False, True):
+            for use_threshold in (False, True):
+                yield CompileCase(
+                    kernel=_commit_kernel,
+                    signature={
+                        "x_ptr": "*i64",
+                        "committable_ptr": "*u8",
+                        "num_transfer_ptr": "*i64",
+                        "part_f_ptr": "*fp32",
+                        "part_i_ptr": "*i32",
+                        "deferred_ptr": "*i32",
+                        "seed_ptr": "*i64",
+                        "tokens_ptr": "*i64",
+                        "confidence_ptr": "*fp32",
+                        "committed_ptr": "*u8",
+                        **dict.fromkeys(
+                            (
+                                "Lr",
+                                "V",
+                                "start",
+                                "n_splits",
+                                "n_part",
+                                "n_deferred",
+                                "stride_xb",
+                                "stride_xl",
+                            ),
+                            "i32",
+                        ),
+                        "threshold": "fp32",
+                        **dict.fromkeys(("SAMPLE", "RANDOM", "USE_THRESHOLD", "BLOCK"), "constexpr"),
+                    },
+                    constexprs={
+                        "SAMPLE": sample,
+                        "RANDOM": random,
+                        "USE_THRESHOLD": use_threshold,
+                        "BLOCK": COMMIT_BLOCK,
+                    },
+                    num_warps=4,
+                    num_stages=1,
+                    name=f"unmask_commit[sample={sample}, random={random}, threshold={use_threshold}]",
+                )

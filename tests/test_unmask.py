@@ -1,0 +1,355 @@
+"""The Triton ``unmask_step`` against the reference: logits and fused LM-head paths, both rules,
+sampling (determinism, tiling independence, chi-square against softmax(logits / T)), bad input.
+
+On the CPU the kernels run in the Triton interpreter, where every program costs milliseconds:
+shapes stay tiny and ``split_len`` is set small so the merge of vocabulary splits is exercised.
+"""
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from hybridkernels import ops, reference
+from hybridkernels.triton import unmask as tri
+from hybridkernels.triton.registry import all_compile_cases
+
+FUSED_CONFIG = {"BLOCK_V": 32, "BLOCK_R": 16, "BLOCK_K": 16}
+
+
+def make_tokens(B, L, V, mask_id, start, Lr, p_mask, generator):
+    """Random tokens (never mask_id) with a fraction ``p_mask`` of the window masked."""
+    x = torch.randint(0, V - 1, (B, L), generator=generator)
+    x[x == mask_id] = (mask_id + 1) % V
+    window = x[:, start : start + Lr]
+    window[torch.rand(B, Lr, generator=generator) < p_mask] = mask_id
+    return x
+
+
+def run_both(x, device, *, split_len=None, config=None, **kwargs):
+    """The reference and the Triton backend on copies of ``x``; checks they agree and returns both."""
+    ref = reference.unmask_step(x.clone().to(device), **kwargs)
+    out = tri.unmask_step(x.clone().to(device), split_len=split_len, config=config, **kwargs)
+    assert_same(ref, out)
+    return ref, out
+
+
+def assert_same(ref, out):
+    assert torch.equal(out.x, ref.x)
+    assert torch.equal(out.committed, ref.committed)
+    assert torch.equal(out.tokens, ref.tokens)
+    finite = torch.isfinite(ref.confidence)
+    assert torch.equal(torch.isfinite(out.confidence), finite)
+    assert torch.equal(out.confidence[~finite], ref.confidence[~finite])
+    torch.testing.assert_close(out.confidence[finite], ref.confidence[finite], rtol=1e-5, atol=1e-7)
+
+
+def num_masked(x, start, Lr, mask_id):
+    return (x[:, start : start + Lr] == mask_id).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rule", ["num_transfer", "threshold"])
+def test_logits_path_matches_reference(device, dtype, rule):
+    g = torch.Generator().manual_seed(1)
+    B, L, Lr, V, start, mask_id = 3, 12, 8, 80, 2, 79
+    x = make_tokens(B, L, V, mask_id, start, Lr, 0.7, g)
+    logits = (3 * torch.randn(B, Lr, V, generator=g)).to(dtype).to(device)
+    if rule == "num_transfer":
+        rule_args = {"num_transfer": (num_masked(x, start, Lr, mask_id) * 2 // 3).to(device)}
+    else:
+        rule_args = {"threshold": 0.3}
+    ref, _ = run_both(x, device, split_len=32, logits=logits, mask_id=mask_id, start=start, **rule_args)
+    assert ref.committed.any()
+
+
+def test_logits_path_strided_views(device):
+    """A window slice of bigger logits, and a view whose vocabulary stride is not 1."""
+    g = torch.Generator().manual_seed(2)
+    B, L, Lr, V, mask_id = 2, 10, 6, 70, 0
+    x = make_tokens(B, L, V, mask_id, 3, Lr, 0.8, g)
+    full = torch.randn(B, L, V, generator=g).to(device)
+    nt = num_masked(x, 3, Lr, mask_id).clamp(max=2).to(device)
+    run_both(x, device, split_len=32, logits=full[:, 3 : 3 + Lr], mask_id=mask_id, start=3, num_transfer=nt)
+    vocab_major = torch.randn(B, V, Lr, generator=g).to(device).transpose(1, 2)  # stride(2) == Lr
+    run_both(x, device, logits=vocab_major, mask_id=mask_id, start=3, num_transfer=nt)
+
+
+def test_edge_cases(device):
+    """A sequence with no mask left, num_transfer 0 and all remaining, thresholds none / all pass."""
+    g = torch.Generator().manual_seed(3)
+    B, L, V, mask_id = 4, 6, 40, 39
+    x = make_tokens(B, L, V, mask_id, 0, L, 0.6, g)
+    x[1] = 5  # nothing left to commit in sequence 1
+    x[2, :] = mask_id
+    logits = torch.randn(B, L, V, generator=g).to(device)
+    left = num_masked(x, 0, L, mask_id)
+    nt = torch.stack([left[0], torch.tensor(0), left[2], torch.tensor(0)]).to(device)
+    ref, out = run_both(x, device, logits=logits, mask_id=mask_id, num_transfer=nt)
+    assert out.committed.sum(dim=1).tolist() == nt.tolist()
+    assert torch.equal(out.x[1].cpu(), x[1]) and torch.isinf(out.confidence[1]).all()
+
+    _, out = run_both(x, device, logits=logits, mask_id=mask_id, threshold=1.5)  # nothing passes
+    assert out.committed.sum(dim=1).tolist() == [int(n > 0) for n in left]
+    _, out = run_both(x, device, logits=logits, mask_id=mask_id, threshold=0.0)  # everything passes
+    assert out.committed.sum(dim=1).tolist() == left.tolist()
+
+
+def test_ties_go_to_lowest_position_and_first_vocab_index(device):
+    B, Lr, V, mask_id = 2, 8, 96, 95
+    x = torch.full((B, Lr), mask_id)
+    logits = torch.zeros(B, Lr, V)
+    logits[:, :, 70] = 4.0  # the max twice, in different vocabulary splits: torch.argmax takes 7
+    logits[:, :, 7] = 4.0
+    logits[:, :, 3] = 1.0  # every row identical: equal confidences, lowest positions win
+    logits = logits.to(device)
+    _, out = run_both(
+        x, device, split_len=32, logits=logits, mask_id=mask_id, num_transfer=torch.tensor([3, 5]).to(device)
+    )
+    assert (out.tokens == 7).all()
+    assert out.committed[0].nonzero().flatten().tolist() == [0, 1, 2]
+    assert out.committed[1].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_banned_and_deferred_tokens(device):
+    g = torch.Generator().manual_seed(4)
+    B, Lr, V, mask_id = 2, 8, 64, 63
+    x = torch.full((B, Lr), mask_id)
+    logits = torch.randn(B, Lr, V, generator=g)
+    logits[0, :, 10] = 9.0  # banned: would be every row's argmax
+    logits[1, :4, 20] = 9.0  # deferred: rank last although most confident
+    logits = logits.to(device)
+    nt = torch.tensor([2, 5]).to(device)
+    _, out = run_both(
+        x, device, split_len=32, logits=logits, mask_id=mask_id, num_transfer=nt,
+        banned_token_ids=(10, 11), deferred_token_ids=(20,),
+    )  # fmt: skip
+    assert not (out.tokens == 10).any()
+    assert torch.isinf(out.confidence[1, :4]).all()
+    assert out.committed[1].nonzero().flatten().tolist() == [
+        0,
+        4,
+        5,
+        6,
+        7,
+    ]  # deferred rows last, lowest first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rule", ["num_transfer", "threshold"])
+def test_fused_lm_head_matches_reference(device, dtype, rule):
+    """Masked rows of several sequences fill more than one row tile; hidden is a strided view."""
+    g = torch.Generator().manual_seed(5)
+    B, L, Lr, V, d, start, mask_id = 3, 14, 10, 72, 48, 3, 71
+    x = make_tokens(B, L, V, mask_id, start, Lr, 0.75, g)
+    hidden = torch.randn(B, L, d, generator=g).to(dtype).to(device)[:, start : start + Lr]
+    lm_head = (torch.randn(V, d, generator=g) / 3).to(dtype).to(device)
+    if rule == "num_transfer":
+        rule_args = {"num_transfer": num_masked(x, start, Lr, mask_id).clamp(max=3).to(device)}
+    else:
+        rule_args = {"threshold": 0.2}
+    cfg = FUSED_CONFIG if device.type == "cpu" else None
+    ref, out = run_both(
+        x, device, split_len=32, config=cfg, hidden=hidden, lm_head=lm_head, mask_id=mask_id, start=start,
+        banned_token_ids=(4,), **rule_args,
+    )  # fmt: skip
+    assert num_masked(x, start, Lr, mask_id).sum() > FUSED_CONFIG["BLOCK_R"]
+    assert ref.committed.any()
+
+
+@requires_cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_on_gpu(fused):
+    g = torch.Generator().manual_seed(6)
+    B, Lr, V, d, mask_id = 4, 32, 5000, 256, 4999
+    x = make_tokens(B, Lr, V, mask_id, 0, Lr, 0.5, g)
+    hidden = torch.randn(B, Lr, d, generator=g).bfloat16().cuda()
+    lm_head = (torch.randn(V, d, generator=g) / 16).bfloat16().cuda()
+    scores = {"hidden": hidden, "lm_head": lm_head} if fused else {"logits": (hidden @ lm_head.T)}
+    nt = num_masked(x, 0, Lr, mask_id).clamp(max=4).cuda()
+    run_both(x, torch.device("cuda"), mask_id=mask_id, num_transfer=nt, **scores)
+
+
+def test_ops_dispatches_to_triton(device):
+    g = torch.Generator().manual_seed(7)
+    x = make_tokens(2, 6, 30, 29, 0, 6, 0.7, g).to(device)
+    logits = torch.randn(2, 6, 30, generator=g).to(device)
+    a = ops.unmask_step(x.clone(), logits=logits, mask_id=29, num_transfer=1, backend="reference")
+    b = ops.unmask_step(x.clone(), logits=logits, mask_id=29, num_transfer=1, backend="triton")
+    assert_same(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# temperature > 0 and random remasking
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sampling_is_deterministic_and_independent_of_tiling(device):
+    """Same seed -> same draws, whatever the vocabulary split / tile and in both paths (the noise of
+    (row, token) is a function of the seed, the row and the token only)."""
+    g = torch.Generator().manual_seed(8)
+    B, Lr, V, d, mask_id = 2, 8, 96, 16, 0
+    x = torch.full((B, Lr), mask_id)
+    hidden = torch.randn(B, Lr, d, generator=g).to(device)
+    lm_head = torch.randn(V, d, generator=g).to(device)
+    logits = hidden @ lm_head.T
+    common = dict(mask_id=mask_id, num_transfer=torch.tensor([2, 3]).to(device), temperature=1.3)
+
+    def draw(seed, **kw):
+        gen = torch.Generator(device).manual_seed(seed)
+        return tri.unmask_step(x.clone().to(device), generator=gen, **common, **kw)
+
+    a = draw(11, logits=logits, split_len=32, config={"BLOCK_V": 32} if device.type == "cpu" else None)
+    b = draw(11, logits=logits, split_len=96, config={"BLOCK_V": 64} if device.type == "cpu" else None)
+    c = draw(
+        11,
+        hidden=hidden,
+        lm_head=lm_head,
+        split_len=64,
+        config=FUSED_CONFIG if device.type == "cpu" else None,
+    )
+    for other in (b, c):
+        assert torch.equal(a.tokens, other.tokens) and torch.equal(a.committed, other.committed)
+        torch.testing.assert_close(a.confidence, other.confidence, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(a.tokens, draw(12, logits=logits).tokens)
+    # LLaDA's rule: the confidence is softmax(logits) at the sampled token; commits follow it.
+    expected = torch.softmax(logits, dim=-1).gather(-1, a.tokens[..., None])[..., 0]
+    torch.testing.assert_close(a.confidence, expected, rtol=1e-5, atol=1e-7)
+    committable = torch.ones(B, Lr, dtype=torch.bool, device=device)
+    assert torch.equal(
+        a.committed,
+        reference.rank_and_commit(
+            a.confidence, committable, num_transfer=common["num_transfer"], threshold=None
+        ),
+    )
+    # The op's seed= is deterministic too.
+    kw = dict(logits=logits, mask_id=mask_id, num_transfer=2, temperature=0.8, backend="triton")
+    r1 = ops.unmask_step(x.clone().to(device), seed=5, **kw)
+    r2 = ops.unmask_step(x.clone().to(device), seed=5, **kw)
+    assert torch.equal(r1.x, r2.x) and torch.equal(r1.tokens, r2.tokens)
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """Survival function of the chi-square distribution: the regularized upper incomplete gamma."""
+    return float(
+        torch.special.gammaincc(
+            torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)
+        )
+    )
+
+
+def test_sampled_tokens_follow_softmax_over_temperature(device):
+    """Chi-square goodness of fit of 2048 draws (6 categories, 5 dof) against softmax(logits / T):
+    pass at p > 1e-3. The same draws must fail against softmax(logits) (T = 1): the test can fail."""
+    assert abs(chi2_sf(11.0705, 5) - 0.05) < 1e-4  # the textbook critical value
+    V, d, T = 6, 16, 0.6
+    target = torch.tensor([1.2, 0.9, 0.5, 0.0, -0.4, -1.0])
+    B, Lr = 32, 64
+    hidden = torch.zeros(B, Lr, d)
+    hidden[..., 0] = 1.0
+    lm_head = torch.zeros(V, d)
+    lm_head[:, 0] = target  # every row's logits are exactly `target`
+    x = torch.full((B, Lr), 5)
+    cfg = {"BLOCK_V": 16, "BLOCK_R": 128, "BLOCK_K": 16} if device.type == "cpu" else None
+    out = tri.unmask_step(
+        x.to(device), hidden=hidden.to(device), lm_head=lm_head.to(device), mask_id=5,
+        num_transfer=torch.zeros(B, dtype=torch.long, device=device), temperature=T,
+        generator=torch.Generator(device).manual_seed(2024), config=cfg,
+    )  # fmt: skip
+    counts = torch.bincount(out.tokens.flatten().cpu(), minlength=V).double()
+    n = counts.sum()
+
+    def p_value(probs):
+        expected = n * probs.double()
+        return chi2_sf(float(((counts - expected) ** 2 / expected).sum()), V - 1)
+
+    assert p_value(torch.softmax(target / T, dim=0)) > 1e-3
+    assert p_value(torch.softmax(target, dim=0)) < 1e-3
+
+
+def test_random_remasking_ranks_by_uniform_draws(device):
+    g = torch.Generator().manual_seed(9)
+    B, Lr, V, mask_id = 2, 8, 50, 49
+    x = make_tokens(B, Lr, V, mask_id, 0, Lr, 0.8, g)
+    logits = torch.randn(B, Lr, V, generator=g).to(device)
+    nt = num_masked(x, 0, Lr, mask_id).clamp(max=3).to(device)
+
+    def run(seed):
+        gen = torch.Generator(device).manual_seed(seed)
+        return tri.unmask_step(
+            x.clone().to(device),
+            logits=logits,
+            mask_id=mask_id,
+            num_transfer=nt,
+            remasking="random",
+            generator=gen,
+        )
+
+    a, b = run(3), run(3)
+    assert torch.equal(a.confidence, b.confidence) and torch.equal(a.x, b.x)
+    committable = (x == mask_id).to(device)
+    conf = a.confidence[committable]
+    assert ((conf >= 0) & (conf < 1)).all() and conf.unique().numel() == conf.numel()
+    assert torch.equal(a.tokens[committable], logits.argmax(-1)[committable])  # temperature 0
+    assert torch.equal(
+        a.committed, reference.rank_and_commit(a.confidence, committable, num_transfer=nt, threshold=None)
+    )
+    assert not torch.equal(a.confidence, run(4).confidence)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input and compile cases
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_leaves_x_untouched():
+    x = torch.full((2, 6), 9)
+    logits = torch.randn(2, 6, 10)
+    nt = torch.tensor([1, 1])
+    call = dict(backend="triton")
+    with pytest.raises(ValueError, match="mask_id = 10 is outside"):
+        ops.unmask_step(x, logits=logits, mask_id=10, num_transfer=nt, **call)
+    with pytest.raises(ValueError, match=r"num_transfer\[0\] = -1"):
+        ops.unmask_step(x, logits=logits, mask_id=9, num_transfer=torch.tensor([-1, 1]), **call)
+    with pytest.raises(ValueError, match=r"num_transfer\[1\] = 7 but sequence 1 has 6 masked"):
+        ops.unmask_step(x, logits=logits, mask_id=9, num_transfer=torch.tensor([1, 7]), **call)
+    with pytest.raises(ValueError, match="num_transfer = 7 is outside"):
+        ops.unmask_step(x, logits=logits, mask_id=9, num_transfer=7, **call)
+    with pytest.raises(ValueError, match="exactly one of num_transfer and threshold"):
+        ops.unmask_step(x, logits=logits, mask_id=9, num_transfer=nt, threshold=0.5, **call)
+    with pytest.raises(ValueError, match="exactly one of num_transfer and threshold"):
+        ops.unmask_step(x, logits=logits, mask_id=9, **call)
+    with pytest.raises(ValueError, match=r"lm_head is \[V, 5\] but hidden's width is 4"):
+        ops.unmask_step(
+            x, hidden=torch.randn(2, 6, 4), lm_head=torch.randn(10, 5), mask_id=9, num_transfer=nt, **call
+        )
+    with pytest.raises(ValueError, match="banned_token_ids covers the whole vocabulary"):
+        ops.unmask_step(x, logits=logits, mask_id=9, num_transfer=nt, banned_token_ids=range(10), **call)
+    with pytest.raises(TypeError, match="lm_head has dtype"):
+        ops.unmask_step(
+            x,
+            hidden=torch.randn(2, 6, 4).half(),
+            lm_head=torch.randn(10, 4),
+            mask_id=9,
+            num_transfer=nt,
+            **call,
+        )
+    assert torch.all(x == 9)
+
+
+def test_compile_cases_cover_every_config_and_dtype():
+    cases = [c for c in all_compile_cases() if c.name.startswith("unmask_")]
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names))
+    per_kernel = {
+        k: [c for c in cases if c.kernel is k]
+        for k in (tri._logits_partials_kernel, tri._lm_head_partials_kernel)
+    }
+    assert len(per_kernel[tri._logits_partials_kernel]) == len(tri.LOGITS_CONFIGS) * 3 * 2
+    assert len(per_kernel[tri._lm_head_partials_kernel]) == len(tri.LM_HEAD_CONFIGS) * 3 * 2
+    for c in per_kernel[tri._lm_head_partials_kernel]:
+        assert (c.hopper_features == ("wgmma",)) == ("fp32" not in c.name)
+        assert c.constexprs["BLOCK_V"] >= 64 and c.constexprs["BLOCK_R"] >= 16  # wgmma-sized tiles
+    for c in cases:
+        constexprs = {name for name, kind in c.signature.items() if kind == "constexpr"}
+        assert constexprs == set(c.constexprs), c.name
+        assert set(c.signature) == set(c.kernel.arg_names), c.name
