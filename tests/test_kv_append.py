@@ -137,6 +137,25 @@ def test_rounding_edge_cases(dtype):
 
 
 @requires_c
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_key_value_converts_exactly(dtype):
+    # cos = 1, sin = 0 and k = (x, 0): the rotated first half is x itself, so every finite bit
+    # pattern of the dtype (subnormals, signed zeros, the largest values) and +-inf must
+    # survive the C++ path's conversion to float and back unchanged.
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    n = x.numel()
+    k_new = torch.cat([x, torch.zeros(n, dtype=dtype)])[None, None, None]
+    kc = torch.zeros(1, 1, 1, 2 * n, dtype=dtype)
+    rope = (torch.ones(1, n), torch.zeros(1, n))
+    kv_append(kc, kc.clone(), k_new, k_new, torch.tensor([0]), rope=rope, backend="cuda")
+    got = kc[0, 0, 0, :n]
+    nan = x.isnan()
+    assert torch.equal(got[~nan].view(torch.int16), x[~nan].view(torch.int16))
+    assert got[nan].isnan().all()
+
+
+@requires_c
 def test_rope_on_strided_views():
     B, Lmax, H, D, T = 2, 10, 2, 8, 3
     buf = torch.zeros(B, Lmax, H, 2, D)
