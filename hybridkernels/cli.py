@@ -99,9 +99,7 @@ def _print_info(info: dict) -> None:
             sm = g["capability"].replace(".", "")
             covered = sm in ext["cuda_archs"] or any(a.rstrip("a") == sm for a in ext["cuda_archs"])
             note = "" if covered or not ext["cuda_kernels"] else "  (no SASS for this arch in _C)"
-            print(
-                f"  GPU {g['index']}         {g['name']}, sm_{sm}, {g['memory_gib']} GiB, {g['sms']} SMs{note}"
-            )
+            print(f"  GPU {g['index']:<10}{g['name']}, sm_{sm}, {g['memory_gib']} GiB, {g['sms']} SMs{note}")
     else:
         print("  GPU           none visible to torch")
     print(f"  backend       HYBRIDKERNELS_BACKEND={info['backend_env']}", end="")
@@ -117,6 +115,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         _print_info(info)
+    if args.kernels:
+        from .compile_check import run_in_subprocess
+
+        print(
+            "\nkernels (ahead-of-time compile for sm_80 / sm_90, no GPU needed; takes minutes):", flush=True
+        )
+        proc = run_in_subprocess()
+        print(proc.stdout, end="")
+        print(proc.stderr, end="", file=sys.stderr)
+        return proc.returncode
     return 0
 
 
@@ -128,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions, what _C was built with, the GPU, and each op's backend")
     info.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    info.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also compile every kernel for sm_80/sm_90 and print its resources (for bug reports)",
+    )
     info.set_defaults(func=cmd_info)
     return parser
 
