@@ -72,6 +72,18 @@ def test_logits_path_strided_views(device):
     run_both(x, device, split_len=32, logits=full[:, 3 : 3 + Lr], mask_id=mask_id, start=3, num_transfer=nt)
     vocab_major = torch.randn(B, V, Lr, generator=g).to(device).transpose(1, 2)  # stride(2) == Lr
     run_both(x, device, logits=vocab_major, mask_id=mask_id, start=3, num_transfer=nt)
+    # x itself a view of a bigger token buffer: committed in place there.
+    buffer = torch.zeros(B, L + 5, dtype=torch.long, device=device)
+    buffer[:, 2 : 2 + L] = x.to(device)
+    ref = reference.unmask_step(
+        x.clone().to(device), logits=vocab_major, mask_id=mask_id, start=3, num_transfer=nt
+    )
+    tri.unmask_step(buffer[:, 2 : 2 + L], logits=vocab_major, mask_id=mask_id, start=3, num_transfer=nt)
+    assert (
+        torch.equal(buffer[:, 2 : 2 + L], ref.x)
+        and (buffer[:, :2] == 0).all()
+        and (buffer[:, -3:] == 0).all()
+    )
 
 
 def test_edge_cases(device):
@@ -167,6 +179,33 @@ def test_bf16_on_gpu(fused):
     scores = {"hidden": hidden, "lm_head": lm_head} if fused else {"logits": (hidden @ lm_head.T)}
     nt = num_masked(x, 0, Lr, mask_id).clamp(max=4).cuda()
     run_both(x, torch.device("cuda"), mask_id=mask_id, num_transfer=nt, **scores)
+
+
+@requires_cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_replays_in_a_cuda_graph(fused):
+    """The step has no host sync (value checks are off while capturing): capture it, replay it."""
+    g = torch.Generator().manual_seed(10)
+    B, Lr, V, d, mask_id = 2, 32, 3000, 128, 0
+    x0 = make_tokens(B, Lr, V, mask_id, 0, Lr, 0.6, g).cuda()
+    hidden = torch.randn(B, Lr, d, generator=g).half().cuda()
+    lm_head = (torch.randn(V, d, generator=g) / 8).half().cuda()
+    scores = {"hidden": hidden, "lm_head": lm_head} if fused else {"logits": hidden @ lm_head.T}
+    kw = dict(mask_id=mask_id, num_transfer=2, backend="triton", **scores)
+    eager = ops.unmask_step(x0.clone(), **kw)  # also autotunes and compiles before the capture
+    x = x0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.unmask_step(x, **kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = ops.unmask_step(x, **kw)
+    x.copy_(x0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x, eager.x) and torch.equal(res.committed, eager.committed)
 
 
 def test_ops_dispatches_to_triton(device):
@@ -345,7 +384,8 @@ def test_compile_cases_cover_every_config_and_dtype():
         for k in (tri._logits_partials_kernel, tri._lm_head_partials_kernel)
     }
     assert len(per_kernel[tri._logits_partials_kernel]) == len(tri.LOGITS_CONFIGS) * 3 * 2
-    assert len(per_kernel[tri._lm_head_partials_kernel]) == len(tri.LM_HEAD_CONFIGS) * 3 * 2
+    n_lm_head = sum(len(tri.lm_head_configs(dt)) for dt in (torch.float16, torch.bfloat16, torch.float32))
+    assert len(per_kernel[tri._lm_head_partials_kernel]) == n_lm_head * 2
     for c in per_kernel[tri._lm_head_partials_kernel]:
         assert (c.hopper_features == ("wgmma",)) == ("fp32" not in c.name)
         assert c.constexprs["BLOCK_V"] >= 64 and c.constexprs["BLOCK_R"] >= 16  # wgmma-sized tiles

@@ -47,6 +47,11 @@ LM_HEAD_CONFIGS = [
     triton.Config({"BLOCK_V": 128, "BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_V": 256, "BLOCK_R": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
+# fp32 operands (ieee dot, no tensor cores) take 4 bytes per element: shallower K tiles and stages.
+LM_HEAD_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_V": 128, "BLOCK_R": r, "BLOCK_K": 32}, num_warps=8 if r == 128 else 4, num_stages=2)
+    for r in (16, 32, 64, 128)
+]
 LM_HEAD_SPLIT_ALIGN = 256
 LM_HEAD_ROWS_PER_TILE_ESTIMATE = 64  # to size the split count before the autotuner picks BLOCK_R
 
@@ -250,9 +255,16 @@ def _lm_head_partials_kernel(
     _store_partials(part_f_ptr, part_i_ptr, idx, row_ok, n_part, m, s, arg, gmax, garg, glogit, SAMPLE)
 
 
-_lm_head_partials_tuned = triton.autotune(LM_HEAD_CONFIGS, key=["V", "D", "split_len", "n_part", "SAMPLE"])(
-    _lm_head_partials_kernel
-)
+_LM_HEAD_KEY = ["V", "D", "split_len", "n_part", "SAMPLE"]
+_lm_head_partials_tuned = {
+    False: triton.autotune(LM_HEAD_CONFIGS, key=_LM_HEAD_KEY)(_lm_head_partials_kernel),
+    True: triton.autotune(LM_HEAD_CONFIGS_FP32, key=_LM_HEAD_KEY)(_lm_head_partials_kernel),
+}  # by "operands are fp32"
+
+
+def lm_head_configs(dtype: torch.dtype) -> list:
+    """The fused kernel's autotune configurations for ``dtype`` operands."""
+    return LM_HEAD_CONFIGS_FP32 if dtype == torch.float32 else LM_HEAD_CONFIGS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +520,8 @@ def unmask_step(
         flat = committable_u8.reshape(-1)
         rows = torch.sort(flat, descending=True, stable=True).indices.to(torch.int32)  # masked first
         count = flat.sum(dtype=torch.int32).reshape(1)
-        kernel = _lm_head_partials_tuned if config is None else _lm_head_partials_kernel
+        fp32 = hidden.dtype == torch.float32
+        kernel = _lm_head_partials_tuned[fp32] if config is None else _lm_head_partials_kernel
         kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_splits)](
             hidden,
             lm_head,
@@ -530,7 +543,7 @@ def unmask_step(
             lm_head.stride(0),
             inv_temp,
             SAMPLE=sample,
-            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if fp32 else "tf32",
             **launch,
         )
     else:
@@ -634,7 +647,7 @@ def _unmask_compile_cases():
                     num_stages=cfg.num_stages,
                     name=f"unmask_logits_partials[{_DTYPE_NAME[dtype]}, sample={sample}, {cfg.kwargs}]",
                 )
-            for cfg in LM_HEAD_CONFIGS:
+            for cfg in lm_head_configs(dtype):
                 yield CompileCase(
                     kernel=_lm_head_partials_kernel,
                     signature={
