@@ -31,15 +31,22 @@ namespace {
 #define HK_CUDA_ARCHS ""
 #endif
 
-View4 make_view(const char* name, uintptr_t ptr, const std::vector<int64_t>& strides) {
+// A View3 / View4 of `ptr` with `strides` (in elements): non-null, N non-negative strides.
+template <typename View>
+View make_strided(const char* name, uintptr_t ptr, const std::vector<int64_t>& strides) {
+  constexpr size_t N = sizeof(View::stride) / sizeof(int64_t);
   HK_CHECK(ptr != 0, name, ": null data pointer");
-  HK_CHECK(strides.size() == 4, name, ": expected 4 strides, got ", strides.size());
-  View4 v{reinterpret_cast<void*>(ptr), {}};
-  for (int i = 0; i < 4; ++i) {
+  HK_CHECK(strides.size() == N, name, ": expected ", N, " strides, got ", strides.size());
+  View v{reinterpret_cast<void*>(ptr), {}};
+  for (size_t i = 0; i < N; ++i) {
     HK_CHECK(strides[i] >= 0, name, ": negative stride ", strides[i], " in dim ", i);
     v.stride[i] = strides[i];
   }
   return v;
+}
+
+View4 make_view(const char* name, uintptr_t ptr, const std::vector<int64_t>& strides) {
+  return make_strided<View4>(name, ptr, strides);
 }
 
 #ifdef HK_WITH_CUDA
@@ -168,14 +175,9 @@ void kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t 
 #endif
 }
 
+// [rows, heads, D] views of decode_attention: the head dim must be contiguous.
 View3 make_view3(const char* name, uintptr_t ptr, const std::vector<int64_t>& strides) {
-  HK_CHECK(ptr != 0, name, ": null data pointer");
-  HK_CHECK(strides.size() == 3, name, ": expected 3 strides, got ", strides.size());
-  View3 v{reinterpret_cast<void*>(ptr), {}};
-  for (int i = 0; i < 3; ++i) {
-    HK_CHECK(strides[i] >= 0, name, ": negative stride ", strides[i], " in dim ", i);
-    v.stride[i] = strides[i];
-  }
+  const View3 v = make_strided<View3>(name, ptr, strides);
   HK_CHECK(v.stride[2] == 1, name, ": the head dim must be contiguous (stride 1), got ", v.stride[2]);
   return v;
 }

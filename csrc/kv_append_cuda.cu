@@ -18,18 +18,27 @@ __device__ __forceinline__ int64_t load_index(const void* p, int dtype, int64_t 
                          : static_cast<const int64_t*>(p)[i];
 }
 
+struct Work {
+  int64_t b, t, h, c;
+};
+
+// Work item i of the [B, T, H, chunks_per_row] grid of one kv_append launch.
+__device__ __forceinline__ Work unflatten(const KvAppendArgs& a, int64_t i, int64_t chunks_per_row) {
+  const int64_t c = i % chunks_per_row;
+  int64_t r = i / chunks_per_row;
+  const int64_t h = r % a.H;
+  r /= a.H;
+  return {r / a.T, r % a.T, h, c};
+}
+
 template <typename Vec, bool kContiguous>
 __global__ void kv_append_kernel(KvAppendArgs a, int64_t chunks_per_row) {
   const int64_t total = a.B * a.T * a.H * chunks_per_row;
   const int64_t es = a.elem_size;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % chunks_per_row;
-    int64_t r = i / chunks_per_row;
-    const int64_t h = r % a.H;
-    r /= a.H;
-    const int64_t t = r % a.T;
-    const int64_t b = r / a.T;
+    const Work w = unflatten(a, i, chunks_per_row);
+    const int64_t b = w.b, t = w.t, h = w.h, c = w.c;
     const int64_t pos = load_index(a.positions, a.positions_dtype, b);
     if (pos < 0 || pos + a.T > a.Lmax) continue;  // validated on the host; never write out of bounds
     // Byte offset of chunk c: sizeof(Vec) consecutive bytes when the last dim is contiguous,
@@ -66,12 +75,8 @@ __global__ void kv_append_rope_kernel(KvAppendArgs a, int64_t chunks_per_row) {
   const int64_t total = a.B * a.T * a.H * chunks_per_row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % chunks_per_row;
-    int64_t r = i / chunks_per_row;
-    const int64_t h = r % a.H;
-    r /= a.H;
-    const int64_t t = r % a.T;
-    const int64_t b = r / a.T;
+    const Work w = unflatten(a, i, chunks_per_row);
+    const int64_t b = w.b, t = w.t, h = w.h, c = w.c;
     const int64_t pos = load_index(a.positions, a.positions_dtype, b);
     const int64_t p = load_index(a.rope_positions, a.rope_positions_dtype,
                                  b * a.rope_pos_stride[0] + t * a.rope_pos_stride[1]) +

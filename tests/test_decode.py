@@ -166,6 +166,12 @@ def test_unsupported_head_dim_errors_when_forced_and_falls_back_on_auto(monkeypa
     )
 
 
+def test_empty_batch_falls_back_to_the_reference():
+    q, k, v, _, _ = _inputs(1, 4, 2, 64, 5)
+    out = decode_attention(q[:0], k[:0], v[:0], torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 4, 64)
+
+
 def test_rejects_zero_length_rows_without_prefix():
     q, k, v, _, _ = _inputs(2, 4, 2, 64, 10)
     with pytest.raises(ValueError, match=r"cache_lens\[1\] = 0"):

@@ -27,6 +27,8 @@ CUDA_HEAD_DIMS = (64, 128)
 
 def _cuda_reason(D: int, tensors: list[torch.Tensor]) -> str | None:
     """Why the ``_C`` kernels cannot take these inputs (head dim; 16-byte rows on a GPU)."""
+    if any(t.numel() == 0 for t in tensors[:3]):
+        return "empty batch or cache"
     if D not in CUDA_HEAD_DIMS:
         return f"the compiled decode kernels support head_dim {CUDA_HEAD_DIMS}, got {D}"
     for t in tensors:
