@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 HEAD_DIMS = (32, 64, 96, 128, 256)
+_VALUE_CHECKS = contextvars.ContextVar("hybridkernels_value_checks", default=True)
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:
@@ -77,11 +80,23 @@ def value_checks_enabled() -> bool:
     """Whether to check tensor *values* (positions, lengths, counts): each costs a host sync.
 
     Off while a CUDA graph is being captured or torch.compile is tracing, and when
-    ``HYBRIDKERNELS_SKIP_VALUE_CHECKS=1`` (the kernels still never write out of bounds).
+    ``HYBRIDKERNELS_SKIP_VALUE_CHECKS=1`` or inside :func:`skip_value_checks` (the kernels still
+    never write out of bounds).
     """
-    if os.environ.get("HYBRIDKERNELS_SKIP_VALUE_CHECKS", "") not in ("", "0"):
+    if not _VALUE_CHECKS.get() or os.environ.get("HYBRIDKERNELS_SKIP_VALUE_CHECKS", "") not in ("", "0"):
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     compiler = getattr(torch, "compiler", None)
     return not (compiler is not None and compiler.is_compiling())
+
+
+@contextlib.contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Within this block (this thread / task) the ops skip their value checks, as under capture:
+    for callers whose indices are valid by construction (the executor's decode loop)."""
+    token = _VALUE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)

@@ -1,0 +1,585 @@
+"""``ARExecutor``: autoregressive decoding over a static KV cache (the "sequential answering" half).
+
+One generate call:
+
+1. **Prompt.** Rows are ``prefix_embeds [B, P, d]`` (projected latents, optional) followed by the
+   embeddings of the left-padded ``input_ids [B, L]``. Rotary positions count valid tokens only:
+   the prefix gets ``0 .. P-1``, the prompt continues after it (HF ``generate`` with
+   ``inputs_embeds = cat(prefix_embeds, embed(input_ids))`` and a ``cat(ones, attention_mask)``
+   mask computes the same positions). The rows are then *packed*: each row's valid tokens move
+   to the front (a gather), padding to the end. Causal attention then needs no mask for the valid
+   queries, a row's cache holds its tokens in slots ``0 .. n_b - 1`` with no holes, and
+   ``decode_attention``'s per-row ``cache_lens`` is all the masking decoding needs.
+2. **Prefill** (eager): one forward over the packed rows with the causal attention op
+   (``ops.bidirectional_attention(causal=True)``: Triton on a GPU), writing K/V into the
+   preallocated cache with ``ops.kv_append``; the first token comes from each row's last logits.
+3. **Decode**: one token per step and row, ``ops.kv_append`` + ``ops.decode_attention`` (the
+   ``_C`` split-KV kernel on a GPU, its C++ path on the CPU). The step only reads and writes
+   static device buffers (token, position, cache lengths, finished flags, output columns), so on
+   CUDA the same step function that runs eagerly is captured once in a CUDA graph and replayed.
+   The only host syncs in the loop are stop checks every ``stop_check_every`` steps (when an EOS
+   id is given).
+
+``num_samples = n > 1`` decodes ``n`` samples per prompt row (output row ``b * n + s``) from one
+prefill. **Shared prefix** (``B == 1``, the planner's case: one latent prefix, many answers): the
+prompt's K/V are stored once, ``[1, n_0, Hkv, D]`` per layer, and every sample's own tokens live in
+its own rows of a ``[n, max_new_tokens]`` cache; ``decode_attention(prefix=(k, v, n_0))`` merges
+the two by log-sum-exp (cascade). A prompt of ``B > 1`` rows has a different prefix per row, and
+the op's prefix is one for the whole batch, so then the prefill's K/V are written ``n`` times
+(rows ``b * n .. b * n + n - 1``, prefill compute still once) and decoding attends plain caches.
+Left padding never reaches the shared prefix: packing removes it (a ``B == 1`` row's pads just
+drop out).
+
+Token choice and stopping follow :mod:`hybridkernels.reference.ar_loop` (HF semantics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..ops._checks import skip_value_checks
+from ..reference.ar_loop import emit_tokens, eos_tensor, generated_lengths, sample_tokens
+from .kv_cache import DecodeHook, PrefillHook, StaticKVCache
+from .transformer import Transformer
+
+WHERE = "ARExecutor.generate"
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """What a generate call did. ``decode_tokens_per_s`` = rows x decode steps / decode seconds
+    (finished rows still occupy their slot of each step); ``new_tokens`` counts the tokens up to
+    each row's EOS. ``graph_capture_s`` (first call of a shape only) is not in ``decode_s``."""
+
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    decode_tokens_per_s: float
+    new_tokens: int
+    rows: int
+    prompt_len: int
+    cache_len: int
+    cache_bytes: int
+    shared_prefix: bool
+    cuda_graph: bool
+    graph_capture_s: float
+
+
+class GenerationOutput(NamedTuple):
+    """``tokens [N, T]`` int64 new tokens (``N = B * num_samples``, row ``b * num_samples + s``;
+    after its EOS a row holds ``pad_token_id``; ``T <= max_new_tokens`` is where the last row
+    finished), ``lengths [N]`` int64 tokens per row including its EOS, ``stats``."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    stats: GenerationStats
+
+
+class PlanAnswerOutput(NamedTuple):
+    """:meth:`ARExecutor.plan_then_answer`: the ``plan`` generation, the ``answer`` generation,
+    and the answer's left-padded prompt (``answer_input_ids``, ``answer_attention_mask``)."""
+
+    plan: GenerationOutput
+    answer: GenerationOutput
+    answer_input_ids: torch.Tensor
+    answer_attention_mask: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    eos: tuple[int, ...]
+    pad: int
+
+
+class _DecodeState:
+    """Static buffers of one decode configuration (kept between calls, and its CUDA graph)."""
+
+    def __init__(self, model, *, rows, cache_len, prefix_len, max_new_tokens, sampling, backend):
+        cfg, dev, dtype = model.config, model.device, model.dtype
+        self.sampling = sampling
+        self.shared = prefix_len > 0
+        self.prefix = (
+            StaticKVCache.for_model(cfg, 1, prefix_len, dtype=dtype, device=dev) if self.shared else None
+        )
+        self.cache = StaticKVCache.for_model(cfg, rows, cache_len, dtype=dtype, device=dev)
+        self.tok = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        self.append_at = torch.zeros(rows, dtype=torch.int32, device=dev)
+        self.cache_lens = torch.ones(rows, dtype=torch.int32, device=dev)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.out = torch.empty(rows, max_new_tokens, dtype=torch.long, device=dev)
+        self.col = torch.zeros(1, dtype=torch.long, device=dev)
+        self.eos_ids = eos_tensor(list(sampling.eos), dev) if sampling.eos else None
+        self.generator = torch.Generator(dev)
+        self.hook = DecodeHook(
+            self.cache,
+            self.append_at,
+            self.cache_lens,
+            prefix=self.prefix,
+            prefix_len=prefix_len,
+            backend=backend,
+        )
+        self.graph = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes + (self.prefix.nbytes if self.prefix is not None else 0)
+
+    def reset(self, seed: int | None) -> None:
+        self.finished.zero_()
+        self.out.fill_(self.sampling.pad)
+        self.col.zero_()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+
+class ARExecutor:
+    """Autoregressive generation with a static KV cache over a causal :class:`Transformer`.
+
+    Args:
+        model: a causal :class:`~hybridkernels.models.Transformer` (Llama / Qwen2 / Qwen3
+            weights; see :meth:`from_pretrained` and :meth:`from_hf`). Its ``backend`` is the
+            prefill attention backend.
+        max_cache_len: fixed cache length (prompt incl. prefix + ``max_new_tokens`` must fit, else
+            ``ValueError``); default: sized per call for the longest row + ``max_new_tokens``.
+            A fixed length lets calls with different prompt lengths reuse one cache and graph.
+        cuda_graph: capture the decode step in a CUDA graph (default: on CUDA devices; sampled
+            decoding needs ``torch.cuda.CUDAGraph.register_generator_state``, else it runs eagerly).
+        stop_check_every: steps between the host-side "all rows finished?" checks.
+        backend: backend of ``kv_append`` / ``decode_attention`` (None = auto: the ``_C``
+            extension, else the reference).
+        max_cached_states: decode configurations (cache + buffers + graph) kept between calls.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_cache_len: int | None = None,
+        cuda_graph: bool | None = None,
+        stop_check_every: int = 16,
+        backend: str | None = None,
+        max_cached_states: int = 2,
+    ):
+        if not isinstance(model, Transformer):
+            raise TypeError(
+                f"ARExecutor: model must be a hybridkernels Transformer, got {type(model).__name__}"
+            )
+        if max_cache_len is not None:
+            _check_int("ARExecutor", "max_cache_len", max_cache_len, low=2)
+        _check_int("ARExecutor", "stop_check_every", stop_check_every, low=1)
+        _check_int("ARExecutor", "max_cached_states", max_cached_states, low=1)
+        self.model = model.eval()
+        self.max_cache_len = max_cache_len
+        self.cuda_graph = cuda_graph
+        self.stop_check_every = stop_check_every
+        self.backend = backend
+        self.max_cached_states = max_cached_states
+        self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype=None, device=None, attention_backend=None, **kwargs):
+        """Load a local HF checkpoint directory (``config.json`` + safetensors); ``kwargs`` go to
+        the constructor."""
+        model = Transformer.from_pretrained(
+            path, dtype=dtype, device=device, causal=True, backend=attention_backend
+        )
+        return cls(model, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model, *, dtype=None, device=None, attention_backend=None, **kwargs):
+        """Wrap an in-memory HF causal LM (weights shared when dtype and device already match)."""
+        model = Transformer.from_hf(
+            hf_model, dtype=dtype, device=device, causal=True, backend=attention_backend
+        )
+        return cls(model, **kwargs)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prefix_embeds: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        num_samples: int = 1,
+        seed: int | None = None,
+    ) -> GenerationOutput:
+        """Generate ``max_new_tokens`` tokens (fewer if every row hits an EOS id) per row and sample.
+
+        Args:
+            input_ids: int ``[B, L]`` token ids, left-padded; may be None with ``prefix_embeds``.
+            attention_mask: ``[B, L]`` bool or 0/1, 1 = token (default: all tokens).
+            prefix_embeds: ``[B, P, d_model]`` in the model's dtype, placed before the prompt.
+            temperature: 0 = greedy argmax; else sample ``softmax(logits / temperature)``
+                after ``top_k`` (keep the k most likely) and ``top_p`` (nucleus) filtering.
+            eos_token_id: int or list of ints; a row stops after emitting one.
+            pad_token_id: what finished rows emit (default: the first EOS id, else 0).
+            num_samples: samples per row (see the module docstring for the shared prefix).
+            seed: seeds the sampling generator (reproducible); None draws a fresh seed.
+
+        Returns a :class:`GenerationOutput`.
+        """
+        x, lengths = self._packed_prompt(input_ids, attention_mask, prefix_embeds)
+        sampling = self._sampling(temperature, top_k, top_p, eos_token_id, pad_token_id)
+        _check_int(WHERE, "max_new_tokens", max_new_tokens, low=1)
+        _check_int(WHERE, "num_samples", num_samples, low=1)
+        if seed is not None:
+            _check_int(WHERE, "seed", seed, low=0)
+        B, S = x.shape[:2]
+        need = S + max_new_tokens
+        if self.max_cache_len is not None and need > self.max_cache_len:
+            raise ValueError(
+                f"{WHERE}: the longest row ({S} tokens incl. prefix) + max_new_tokens ({max_new_tokens}) "
+                f"= {need} overflows the KV cache (max_cache_len = {self.max_cache_len})"
+            )
+        shared = num_samples > 1 and B == 1
+        rows = B * num_samples
+        key = (rows, S if shared else 0, max_new_tokens, self.max_cache_len or need, sampling)
+        s = self._state(key, rows=rows, prefix_len=S if shared else 0, max_new_tokens=max_new_tokens)
+        s.reset(seed)
+
+        dev = x.device
+        _synchronize(dev)
+        t0 = time.perf_counter()
+        hook = PrefillHook(
+            s.prefix if shared else s.cache,
+            repeats=1 if shared else num_samples,
+            attention_backend=self.model.backend,
+            cache_backend=self.backend,
+        )
+        positions = torch.arange(S, device=dev)
+        hidden = self.model(
+            inputs_embeds=x, position_ids=positions, kv_cache=hook, compute_logits=False
+        ).hidden
+        last = hidden[torch.arange(B, device=dev), lengths - 1]
+        row_lens = lengths.repeat_interleave(num_samples)
+        s.pos.copy_(row_lens[:, None])
+        if shared:
+            s.append_at.zero_()
+        else:
+            s.append_at.copy_(row_lens)
+        self._emit(s, self.model.logits(last).repeat_interleave(num_samples, 0))
+        _synchronize(dev)
+        t1 = time.perf_counter()
+
+        steps_run, capture_s = self._decode(s, max_new_tokens - 1)
+        _synchronize(dev)
+        decode_s = time.perf_counter() - t1 - capture_s
+
+        tokens = s.out[:, : 1 + steps_run]
+        out_lengths = generated_lengths(tokens, s.eos_ids)
+        tokens = tokens[:, : int(out_lengths.max())].clone()
+        stats = GenerationStats(
+            prefill_s=t1 - t0,
+            decode_s=decode_s,
+            decode_steps=steps_run,
+            decode_tokens_per_s=rows * steps_run / decode_s if steps_run and decode_s > 0 else 0.0,
+            new_tokens=int(out_lengths.sum()),
+            rows=rows,
+            prompt_len=S,
+            cache_len=s.cache.max_len,
+            cache_bytes=s.nbytes,
+            shared_prefix=shared,
+            cuda_graph=s.graph is not None,
+            graph_capture_s=capture_s,
+        )
+        return GenerationOutput(tokens, out_lengths, stats)
+
+    # ------------------------------------------------------------------ the step (eager == graph)
+    def _emit(self, s: _DecodeState, logits: torch.Tensor) -> None:
+        """Choose each row's token from ``logits [rows, V]``, write it to the output column ``col``
+        and make it the next step's input."""
+        p = s.sampling
+        sampled = sample_tokens(logits, p.temperature, p.top_k, p.top_p, s.generator)
+        tokens = emit_tokens(sampled, s.finished, s.eos_ids, p.pad)
+        s.out.index_copy_(1, s.col, tokens[:, None])
+        s.col += 1
+        s.tok.copy_(tokens)
+
+    def _decode_step(self, s: _DecodeState) -> None:
+        """One decode step on the static buffers: no allocation the graph cannot own, no host sync."""
+        torch.add(s.append_at, 1, out=s.cache_lens)
+        x = self.model.embed(s.tok[:, None])
+        hidden = self.model(inputs_embeds=x, position_ids=s.pos, kv_cache=s.hook, compute_logits=False).hidden
+        self._emit(s, self.model.logits(hidden[:, -1]))
+        s.pos += 1
+        s.append_at.copy_(s.cache_lens)
+
+    def _decode(self, s: _DecodeState, steps: int) -> tuple[int, float]:
+        """Run up to ``steps`` decode steps; returns (steps run, seconds spent capturing)."""
+        check_stop = s.eos_ids is not None
+        if steps == 0 or (check_stop and bool(s.finished.all())):
+            return 0, 0.0
+        use_graph = self._graph_enabled(s)
+        capture_s, i = 0.0, 0
+        with skip_value_checks():  # indices are in bounds by construction; checks would sync
+            while i < steps:
+                if s.graph is not None:
+                    s.graph.replay()
+                elif use_graph:  # first step eagerly on a side stream (warm-up), then capture
+                    _on_side_stream(lambda: self._decode_step(s))
+                    t = time.perf_counter()
+                    s.graph = _capture(
+                        lambda: self._decode_step(s), s.generator if s.sampling.temperature else None
+                    )
+                    capture_s = time.perf_counter() - t
+                else:
+                    self._decode_step(s)
+                i += 1
+                if check_stop and i % self.stop_check_every == 0 and bool(s.finished.all()):
+                    break
+        return i, capture_s
+
+    def _graph_enabled(self, s: _DecodeState) -> bool:
+        if self.cuda_graph is False or self.model.device.type != "cuda":
+            return False
+        return not s.sampling.temperature or hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+    # ------------------------------------------------------------------ AR -> AR
+    def plan_then_answer(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        plan_max_new_tokens: int,
+        max_new_tokens: int,
+        answer_prefix_ids: list[int] | torch.Tensor | None = None,
+        plan_eos_token_id: int | list[int] | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> PlanAnswerOutput:
+        """The pipeline's AR->AR baseline: the executor writes its own plan, then answers.
+
+        1. ``plan = generate(input_ids, attention_mask, max_new_tokens=plan_max_new_tokens)``,
+           stopping at ``plan_eos_token_id`` (default ``eos_token_id``);
+        2. each row's answer prompt is its prompt tokens + its plan (the plan's closing EOS
+           dropped) + ``answer_prefix_ids`` (e.g. the tokens of "Answer:"), left-padded;
+        3. ``answer = generate(answer prompt, max_new_tokens=max_new_tokens)`` stopping at
+           ``eos_token_id``. Sampling options apply to both; the answer uses ``seed + 1``.
+        """
+        plan_eos = eos_token_id if plan_eos_token_id is None else plan_eos_token_id
+        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_token_id)
+        plan = self.generate(
+            input_ids,
+            attention_mask,
+            max_new_tokens=plan_max_new_tokens,
+            eos_token_id=plan_eos,
+            seed=seed,
+            **kw,
+        )
+        dev = self.model.device
+        input_ids = input_ids.to(dev)
+        mask = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.to(dev) != 0
+        )
+        plan_eos_ids = eos_tensor(plan_eos, dev)
+        tail = torch.as_tensor(
+            [] if answer_prefix_ids is None else answer_prefix_ids, dtype=torch.long, device=dev
+        )
+        rows = []
+        for b in range(input_ids.shape[0]):
+            steps = plan.tokens[b, : int(plan.lengths[b])]
+            if plan_eos_ids is not None and steps.numel() and bool(torch.isin(steps[-1], plan_eos_ids)):
+                steps = steps[:-1]
+            rows.append(torch.cat([input_ids[b][mask[b]].long(), steps, tail]))
+        ids, answer_mask = _left_pad(rows, pad=0)
+        answer = self.generate(
+            ids,
+            answer_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            seed=None if seed is None else seed + 1,
+            **kw,
+        )
+        return PlanAnswerOutput(plan, answer, ids, answer_mask)
+
+    # ------------------------------------------------------------------ inputs
+    def _packed_prompt(self, input_ids, attention_mask, prefix_embeds):
+        """Validate and assemble the rows: packed embeddings ``[B, S, d]`` (valid tokens first,
+        ``S`` = the longest row) and the valid lengths ``[B]`` int64."""
+        dev, d = self.model.device, self.config.hidden_size
+        if input_ids is None and prefix_embeds is None:
+            raise ValueError(f"{WHERE}: give input_ids, prefix_embeds or both")
+        embeds, valid = [], []
+        if prefix_embeds is not None:
+            if not isinstance(prefix_embeds, torch.Tensor) or prefix_embeds.dim() != 3:
+                raise ValueError(
+                    f"{WHERE}: prefix_embeds must be a [B, P, d_model] tensor, got {_desc(prefix_embeds)}"
+                )
+            if prefix_embeds.shape[-1] != d or prefix_embeds.shape[1] == 0 or prefix_embeds.shape[0] == 0:
+                raise ValueError(
+                    f"{WHERE}: prefix_embeds must be [B, P, d_model] = [B, P >= 1, {d}], got "
+                    f"{tuple(prefix_embeds.shape)}"
+                )
+            if prefix_embeds.dtype != self.model.dtype:
+                raise TypeError(
+                    f"{WHERE}: prefix_embeds has dtype {prefix_embeds.dtype}, the model {self.model.dtype}"
+                )
+            embeds.append(prefix_embeds.to(dev))
+            valid.append(torch.ones(prefix_embeds.shape[:2], dtype=torch.bool, device=dev))
+        if input_ids is not None:
+            ids, mask = self._check_ids(input_ids, attention_mask)
+            if prefix_embeds is not None and prefix_embeds.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"{WHERE}: prefix_embeds has batch {prefix_embeds.shape[0]}, input_ids {ids.shape[0]}"
+                )
+            embeds.append(self.model.embed(ids))
+            valid.append(mask)
+        elif attention_mask is not None:
+            raise ValueError(f"{WHERE}: attention_mask is given without input_ids")
+        x, valid = torch.cat(embeds, dim=1), torch.cat(valid, dim=1)
+        lengths = valid.sum(-1)
+        empty = (lengths == 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"{WHERE}: row {int(empty[0, 0])} has no tokens (attention_mask all 0)")
+        S = int(lengths.max())
+        if not bool(valid[:, :S].all()):
+            order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :S]
+            x = x.gather(1, order[..., None].expand(-1, -1, d))
+        return x[:, :S], lengths
+
+    def _check_ids(self, input_ids, attention_mask):
+        dev, V = self.model.device, self.config.vocab_size
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"{WHERE}: input_ids must be a non-empty [B, L] tensor, got {_desc(input_ids)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"{WHERE}: input_ids must hold integer token ids, got {input_ids.dtype}")
+        ids = input_ids.to(dev, torch.long)
+        if bool(((ids < 0) | (ids >= V)).any()):
+            raise ValueError(
+                f"{WHERE}: input_ids must be in [0, vocab_size = {V}), got {int(ids.min())}..{int(ids.max())}"
+            )
+        if attention_mask is None:
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"{WHERE}: attention_mask must have input_ids' shape {tuple(ids.shape)}, "
+                f"got {_desc(attention_mask)}"
+            )
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(
+                f"{WHERE}: attention_mask must be bool or 0/1 integers, got {attention_mask.dtype}"
+            )
+        return ids, attention_mask.to(dev) != 0
+
+    def _sampling(self, temperature, top_k, top_p, eos_token_id, pad_token_id) -> _Sampling:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"{WHERE}: temperature must be a number, got {type(temperature).__name__}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"{WHERE}: temperature must be >= 0 and finite, got {temperature}")
+        V = self.config.vocab_size
+        if top_k is not None:
+            _check_int(WHERE, "top_k", top_k, low=1)
+            top_k = min(top_k, V)
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"{WHERE}: top_p must be in (0, 1], got {top_p!r}")
+        try:
+            eos = () if eos_token_id is None else tuple(eos_tensor(eos_token_id, "cpu").tolist())
+        except ValueError as exc:
+            raise ValueError(f"{WHERE}: {exc}") from None
+        if any(e >= V for e in eos):
+            raise ValueError(f"{WHERE}: eos_token_id {eos} outside the vocabulary (vocab_size = {V})")
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        _check_int(WHERE, "pad_token_id", pad_token_id, low=0, high=V - 1)
+        if not temperature:  # greedy: the filters do not change the argmax
+            top_k = top_p = None
+        return _Sampling(
+            float(temperature), top_k, None if top_p is None else float(top_p), eos, pad_token_id
+        )
+
+    def _state(self, key, *, rows, prefix_len, max_new_tokens) -> _DecodeState:
+        s = self._states.pop(key, None)
+        if s is None:
+            while len(self._states) >= self.max_cached_states:
+                self._states.popitem(last=False)
+            cache_len = max_new_tokens if prefix_len else key[3]
+            s = _DecodeState(
+                self.model,
+                rows=rows,
+                cache_len=cache_len,
+                prefix_len=prefix_len,
+                max_new_tokens=max_new_tokens,
+                sampling=key[4],
+                backend=self.backend,
+            )
+        self._states[key] = s
+        return s
+
+
+def _check_int(where: str, name: str, value, *, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{where}: {name} must be {bounds}, got {value}")
+
+
+def _desc(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token rows -> left-padded ``ids [B, L]`` and bool ``mask [B, L]``."""
+    L = max(r.numel() for r in rows)
+    ids = rows[0].new_full((len(rows), L), pad)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool, device=rows[0].device)
+    for b, r in enumerate(rows):
+        if r.numel():
+            ids[b, L - r.numel() :] = r
+            mask[b, L - r.numel() :] = True
+    return ids, mask
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _on_side_stream(fn) -> None:
+    """Run ``fn`` on a side stream (PyTorch's recipe for warming up before a graph capture)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        fn()
+    current.wait_stream(side)
+
+
+def _capture(fn, generator: torch.Generator | None) -> torch.cuda.CUDAGraph:
+    """``fn`` recorded into a CUDA graph (it does not run now: replay it)."""
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

@@ -1,0 +1,115 @@
+"""Static KV cache of the executor and the two :class:`~hybridkernels.models.KVCacheHook` s that
+fill and read it (prefill, one-token decode).
+
+Layout: one buffer per K and V, ``[num_layers, B, Lmax, Hkv, D]``; ``cache.k[i]`` is layer
+``i``'s ``[B, Lmax, Hkv, D]`` cache, the layout of :func:`hybridkernels.ops.kv_append` and
+:func:`hybridkernels.ops.decode_attention`. Row ``b`` holds its valid tokens in slots
+``0 .. len_b - 1`` (no padding inside the cache: the executor packs left-padded prompts before
+prefill), so a row's cache length is all ``decode_attention`` needs to mask it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+class StaticKVCache:
+    """Preallocated keys and values ``[num_layers, batch, max_len, num_kv_heads, head_dim]``."""
+
+    def __init__(self, num_layers, batch, max_len, num_kv_heads, head_dim, *, dtype, device):
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def for_model(cls, config, batch: int, max_len: int, *, dtype, device) -> StaticKVCache:
+        """A cache shaped for a :class:`~hybridkernels.models.TransformerConfig`."""
+        return cls(
+            config.num_layers,
+            batch,
+            max_len,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class PrefillHook:
+    """Causal attention over the call's own tokens (rows packed: valid tokens first, padding at
+    the end, so no mask is needed for the valid queries), writing each layer's keys and values to
+    slots ``0 .. T-1`` of every cache row. With ``repeats = n`` the call's row ``b`` fills cache
+    rows ``b * n .. b * n + n - 1`` (one prefill serves ``n`` samples). ``attention_backend``
+    goes to the causal attention op, ``cache_backend`` to ``kv_append``."""
+
+    def __init__(
+        self,
+        cache: StaticKVCache,
+        *,
+        repeats: int = 1,
+        attention_backend: str | None = None,
+        cache_backend: str | None = None,
+    ):
+        self.cache, self.repeats = cache, repeats
+        self.attention_backend, self.cache_backend = attention_backend, cache_backend
+        self.positions = torch.zeros(cache.batch, dtype=torch.int32, device=cache.k.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_rows, v_rows = k, v
+        if self.repeats > 1:
+            k_rows, v_rows = k.repeat_interleave(self.repeats, 0), v.repeat_interleave(self.repeats, 0)
+        ops.kv_append(
+            self.cache.k[layer],
+            self.cache.v[layer],
+            k_rows,
+            v_rows,
+            self.positions,
+            backend=self.cache_backend,
+        )
+        return ops.bidirectional_attention(q, k, v, causal=True, backend=self.attention_backend)
+
+
+class DecodeHook:
+    """One new token per row: ``kv_append`` at slot ``append_at[b]``, then ``decode_attention``
+    over the row's first ``cache_lens[b]`` slots (``append_at + 1``, set by the caller before the
+    forward), after a shared ``prefix`` cache of ``prefix_len`` tokens when given (cascade: one
+    copy of the prompt serves every row). ``append_at`` / ``cache_lens`` are int32 ``[B]`` device
+    buffers the caller updates in place, so the same hook serves every step of a CUDA graph."""
+
+    def __init__(
+        self,
+        cache: StaticKVCache,
+        append_at: torch.Tensor,
+        cache_lens: torch.Tensor,
+        *,
+        prefix: StaticKVCache | None = None,
+        prefix_len: int = 0,
+        backend: str | None = None,
+    ):
+        self.cache, self.append_at, self.cache_lens = cache, append_at, cache_lens
+        self.prefix, self.prefix_len, self.backend = prefix, prefix_len, backend
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        ops.kv_append(k_cache, v_cache, k, v, self.append_at, backend=self.backend)
+        prefix = None
+        if self.prefix is not None:
+            prefix = (self.prefix.k[layer, 0], self.prefix.v[layer, 0], self.prefix_len)
+        out = ops.decode_attention(
+            q[:, 0], k_cache, v_cache, self.cache_lens, prefix=prefix, backend=self.backend
+        )
+        return out[:, None]
