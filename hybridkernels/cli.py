@@ -128,6 +128,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    def ints(text):
+        return [int(v) for v in text.split(",")] if text else None
+
+    bench.run(
+        args.preset,
+        device=args.device,
+        batch=ints(args.batch),
+        gen_length=ints(args.gen_length),
+        stages=args.stage.split(",") if args.stage else None,
+        reps=args.reps,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        plot_path=args.plot,
+        command="hybridkernels " + " ".join(sys.argv[1:]),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridkernels",
@@ -142,6 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="also compile every kernel for sm_80/sm_90 and print its resources (for bug reports)",
     )
     info.set_defaults(func=cmd_info)
+
+    from .bench import PRESETS
+
+    bench = sub.add_parser(
+        "bench",
+        help="tokens/s of the naive loops vs the fast paths, in one run (the main job)",
+        description="Times every stage against its baseline on the same random-weight models and "
+        "inputs, after checking that both produce the same tokens.",
+    )
+    bench.add_argument(
+        "--preset", default="tiny", choices=sorted(PRESETS), help="model shapes (default: tiny)"
+    )
+    bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--batch", help="comma-separated batch sizes (default: the preset's)")
+    bench.add_argument("--gen-length", help="comma-separated generation lengths (default: the preset's)")
+    bench.add_argument("--stage", help="comma-separated stages to run (default: all)")
+    bench.add_argument("--reps", type=int, default=3, help="timed repetitions of the fast path (median)")
+    bench.add_argument("--json", help="write rows, environment and probes to this JSON file")
+    bench.add_argument("--markdown", help="write a markdown table to this file")
+    bench.add_argument("--plot", help="write tokens/s plots to this PNG (needs matplotlib)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

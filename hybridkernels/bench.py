@@ -1,0 +1,387 @@
+"""``hybridkernels bench``: tokens/s of the naive loops against our fast paths, in one run.
+
+Every row is one comparison on the same random-weight model and inputs: a baseline (the naive
+loop, HF ``generate``, torch SDPA) and ours, each timed after a warm-up, their outputs checked
+against each other before timing (a fast wrong answer is a failure, not a speedup), the ratio,
+and on a GPU the fraction of the step's floor (``max(weight bytes / copy bandwidth, flops /
+matmul peak)``, both ceilings measured first by :mod:`hybridkernels.benchmarking`).
+
+Weights are random (no model hub here), so a planner never becomes confident: planner rows use
+fixed schedules of 1, 2 or 4 committed tokens per step. Tokens counted are tokens generated: the
+planner's ``gen_length`` per sequence whatever its step count, the executor's new tokens per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import benchmarking
+from .models.config import TransformerConfig
+from .models.transformer import Transformer
+
+
+@dataclasses.dataclass
+class Preset:
+    """Model shapes and the cases to run. ``planner``/``executor``: None = stage not in the preset."""
+
+    name: str
+    description: str
+    planner: TransformerConfig | None
+    executor: TransformerConfig | None
+    dtype: torch.dtype
+    prompt_len: int
+    gen_lengths: tuple[int, ...]
+    batches: tuple[int, ...]
+    block_length: int
+    tokens_per_step: tuple[int, ...]
+    answer_tokens: int
+    init_std: float = 0.02
+    gpu_only: bool = False
+
+
+def _llada_8b() -> TransformerConfig:
+    return TransformerConfig(
+        vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
+        num_kv_heads=32, head_dim=128, rope_theta=500000.0, causal=False, family="llada",
+        mask_token_id=126336, eos_token_ids=(126081,), eot_token_id=126348,
+    )  # fmt: skip
+
+
+def _llama_8b() -> TransformerConfig:
+    return TransformerConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0, causal=True, family="llama",
+        eos_token_ids=(128001,),
+    )  # fmt: skip
+
+
+def _tiny(causal: bool) -> TransformerConfig:
+    return TransformerConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=32, causal=causal, family="llama" if causal else "llada",
+        mask_token_id=None if causal else 511, eos_token_ids=(1,), eot_token_id=None if causal else 2,
+    )  # fmt: skip
+
+
+PRESETS = {
+    "tiny": Preset(
+        "tiny", "2-layer width-64 planner and executor (CPU default; runs in seconds)",
+        _tiny(False), _tiny(True), torch.float32, prompt_len=16, gen_lengths=(32,), batches=(1, 4),
+        block_length=8, tokens_per_step=(1, 2), answer_tokens=16, init_std=0.3,
+    ),
+    "llada-8b": Preset(
+        "llada-8b", "LLaDA-8B-shaped planner, bf16", _llada_8b(), None, torch.bfloat16,
+        prompt_len=512, gen_lengths=(256, 512), batches=(1, 16), block_length=32,
+        tokens_per_step=(1, 2, 4), answer_tokens=0, gpu_only=True,
+    ),
+    "llama-8b": Preset(
+        "llama-8b", "Llama-3-8B-shaped executor, bf16", None, _llama_8b(), torch.bfloat16,
+        prompt_len=512, gen_lengths=(256,), batches=(1, 16), block_length=32, tokens_per_step=(1,),
+        answer_tokens=256, gpu_only=True,
+    ),
+    "paper": Preset(
+        "paper", "LLaDA-8B planner + Llama-8B executor at the paper's budgets (64 plan + 16 answer, 256/256)",
+        _llada_8b(), _llama_8b(), torch.bfloat16, prompt_len=128, gen_lengths=(64, 256), batches=(1,),
+        block_length=32, tokens_per_step=(1, 4), answer_tokens=16, gpu_only=True,
+    ),
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Row:
+    """One comparison. Values are tokens/s (``unit="tok/s"``) or milliseconds (``unit="ms"``)."""
+
+    stage: str
+    case: str
+    baseline: str
+    baseline_value: float
+    ours: str
+    ours_value: float
+    unit: str
+    agreement: str
+    floor_fraction: float | None = None
+    floor_note: str = ""
+    params: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        if self.unit == "ms":
+            return self.baseline_value / self.ours_value
+        return self.ours_value / self.baseline_value
+
+
+class BenchFailure(RuntimeError):
+    """The fast path disagreed with its baseline: reported, never timed as a speedup."""
+
+
+def _model(config: TransformerConfig, preset: Preset, device: torch.device, seed: int) -> Transformer:
+    model = Transformer(config, dtype=preset.dtype, device=device)
+    model.reset_parameters(std=preset.init_std, generator=torch.Generator(device).manual_seed(seed))
+    return model.eval()
+
+
+def _timed(device: torch.device, reps: int, fn: Callable, *args, **kwargs) -> tuple[object, float]:
+    """(last result, median seconds) of ``fn(*args, **kwargs)`` after one warm-up call."""
+    out = fn(*args, **kwargs)
+    benchmarking.synchronize(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        benchmarking.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2]
+
+
+def _weight_bytes(model: Transformer) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _forward_flops(config: TransformerConfig, tokens: int, keys: int) -> float:
+    """Matmul flops of one forward of ``tokens`` queries over ``keys`` keys (LM head excluded)."""
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
+    proj = 2 * tokens * d * (config.q_size + 2 * config.kv_size + d) + 2 * tokens * 3 * d * f
+    attn = 4 * tokens * keys * config.q_size
+    return L * (proj + attn)
+
+
+def _floor_s(device: torch.device, weight_bytes: float, flops: float) -> float:
+    dev = str(device)
+    return max(
+        weight_bytes / (benchmarking.copy_bandwidth_gbs(dev) * 1e9),
+        flops / (benchmarking.matmul_peak_tflops(dev) * 1e12),
+    )
+
+
+# ---------------------------------------------------------------------------------------- stages
+def stage_executor(preset: Preset, device: torch.device, reps: int, progress) -> list[Row]:
+    """No-cache loop and HF ``generate`` (default dynamic cache) against ARExecutor, greedy."""
+    from .models.executor import ARExecutor
+    from .reference.ar_loop import ar_generate
+
+    cfg = preset.executor
+    model = _model(cfg, preset, device, seed=1)
+    executor = ARExecutor(model)
+    hf = _hf_twin(model)
+    rows = []
+    for batch in preset.batches:
+        progress(f"executor batch={batch}")
+        g = torch.Generator(device).manual_seed(batch)
+        prompt = torch.randint(3, cfg.vocab_size, (batch, preset.prompt_len), generator=g, device=device)
+        new = preset.answer_tokens
+        ours_out, ours_s = _timed(device, reps, executor.generate, prompt, max_new_tokens=new)
+        naive_out, naive_s = _timed(device, 1, ar_generate, model, prompt, max_new_tokens=new)
+        if not torch.equal(ours_out.tokens, naive_out.tokens):
+            raise BenchFailure(f"executor batch={batch}: ARExecutor and the no-cache loop disagree")
+        tokens = batch * new
+        floor = _floor_s(device, _weight_bytes(model), _forward_flops(cfg, batch, preset.prompt_len + new))
+        step_s = ours_out.stats.decode_s / max(1, ours_out.stats.decode_steps)
+        fraction = floor / step_s if device.type == "cuda" else None
+        common = dict(
+            stage="executor",
+            case=f"batch={batch} prompt={preset.prompt_len} new={new}",
+            unit="tok/s",
+            ours="ARExecutor",
+            ours_value=tokens / ours_s,
+            floor_fraction=fraction,
+            floor_note="decode step vs max(weights/BW, flops/peak)",
+            params={"batch": batch, "gen_length": new},
+        )
+        rows.append(
+            Row(baseline="no-cache loop", baseline_value=tokens / naive_s, agreement="tokens equal", **common)
+        )
+        if hf is not None:
+            kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            hf_out, hf_s = _timed(device, 1, hf.generate, prompt, **kw)
+            same = torch.equal(hf_out[:, preset.prompt_len :], ours_out.tokens)
+            agreement = "tokens equal" if same else "tokens differ (HF kernels round differently)"
+            rows.append(
+                Row(baseline="HF generate", baseline_value=tokens / hf_s, agreement=agreement, **common)
+            )
+    return rows
+
+
+def _hf_twin(model: Transformer):
+    """An HF ``LlamaForCausalLM`` sharing ``model``'s weights, or None when that is not possible."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    except ImportError:
+        return None
+    from .models.loading import to_external_name
+
+    hf_cfg = LlamaConfig(**model.config.to_dict("llama"))
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hf_cfg)
+    # assign=True: the HF model uses our parameter tensors, no copy of the weights.
+    hf.load_state_dict({to_external_name(n, "hf"): t for n, t in model.state_dict().items()}, assign=True)
+    with model.device:  # the rotary table is a buffer, not a weight: build it for real
+        hf.model.rotary_emb = LlamaRotaryEmbedding(hf_cfg)
+    hf.generation_config.pad_token_id = 0
+    hf.generation_config.eos_token_id = None
+    return hf.eval()
+
+
+STAGES: dict[str, Callable] = {"executor": stage_executor}
+
+
+# ---------------------------------------------------------------------------------------- output
+def format_table(rows: list[Row]) -> str:
+    head = (
+        f"{'stage':<10} {'case':<40} {'baseline':<16} {'base':>10} {'ours':<22} {'ours':>10} {'unit':<6} "
+        f"{'speedup':>8} {'floor%':>7}  agreement"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        floor = f"{100 * r.floor_fraction:6.1f}%" if r.floor_fraction is not None else "      -"
+        lines.append(
+            f"{r.stage:<10} {r.case:<40} {r.baseline:<16} {r.baseline_value:>10.1f} {r.ours:<22} "
+            f"{r.ours_value:>10.1f} {r.unit:<6} {r.speedup:>7.2f}x {floor}  {r.agreement}"
+        )
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[Row], meta: dict) -> str:
+    lines = [
+        f"# hybridkernels bench --preset {meta['preset']}",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- device: {meta['environment'].get('device')}, torch {meta['environment']['torch']}, "
+        f"triton {meta['environment']['triton']}, date {meta['environment']['date']}",
+    ]
+    if meta.get("probes"):
+        p = meta["probes"]
+        lines.append(
+            f"- measured ceilings: copy {p['copy_bandwidth_gbs']:.0f} GB/s, "
+            f"bf16 matmul {p['matmul_tflops']:.0f} TFLOP/s"
+        )
+    lines += [
+        f"- {meta['note']}",
+        "",
+        "| stage | case | baseline | baseline | ours | ours | unit | speedup | floor |",
+        "|---|---|---|---:|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        floor = f"{100 * r.floor_fraction:.0f}%" if r.floor_fraction is not None else "-"
+        lines.append(
+            f"| {r.stage} | {r.case} | {r.baseline} | {r.baseline_value:.1f} | {r.ours} | {r.ours_value:.1f} | "
+            f"{r.unit} | {r.speedup:.2f}x | {floor} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(rows: list[Row], path: str) -> None:
+    """Tokens/s against batch size and against generation length, naive vs ours, per stage."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'hybridkernels[plot]'") from exc
+    stages = sorted({r.stage for r in rows if r.unit == "tok/s"})
+    fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.6 * len(stages)), squeeze=False)
+    for ax_row, stage in zip(axes, stages, strict=True):
+        for ax, key in zip(ax_row, ("batch", "gen_length"), strict=True):
+            series: dict[str, dict[float, float]] = {}
+            for r in rows:
+                if r.stage != stage or r.unit != "tok/s" or key not in r.params:
+                    continue
+                series.setdefault(r.baseline, {})[r.params[key]] = r.baseline_value
+                series.setdefault(r.ours + _variant(r), {})[r.params[key]] = r.ours_value
+            for label, pts in series.items():
+                xs = sorted(pts)
+                ax.plot(xs, [pts[x] for x in xs], marker="o", label=label)
+            ax.set_xlabel(key.replace("_", " "))
+            ax.set_ylabel("tokens/s")
+            ax.set_title(f"{stage}: tokens/s vs {key.replace('_', ' ')}")
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _variant(r: Row) -> str:
+    return f" ({r.params['variant']})" if "variant" in r.params else ""
+
+
+# ---------------------------------------------------------------------------------------- driver
+def run(
+    preset_name: str = "tiny",
+    *,
+    device: str | None = None,
+    batch: list[int] | None = None,
+    gen_length: list[int] | None = None,
+    stages: list[str] | None = None,
+    reps: int = 3,
+    json_path: str | None = None,
+    markdown_path: str | None = None,
+    plot_path: str | None = None,
+    command: str = "",
+) -> list[Row]:
+    if preset_name not in PRESETS:
+        raise SystemExit(f"--preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
+    preset = PRESETS[preset_name]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if preset.gpu_only and dev.type != "cuda":
+        raise SystemExit(
+            f"--preset {preset_name} builds 8B-shaped models: it needs a GPU (use --preset tiny)"
+        )
+    preset = dataclasses.replace(
+        preset,
+        batches=tuple(batch) if batch else preset.batches,
+        gen_lengths=tuple(gen_length) if gen_length else preset.gen_lengths,
+    )
+    chosen = [s for s in STAGES if stages is None or s in stages]
+    unknown = set(stages or ()) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--stage: unknown {sorted(unknown)} (known: {list(STAGES)})")
+    print(f"hybridkernels bench --preset {preset.name}: {preset.description}, on {dev}")
+    print("weights are random (no model hub): planners never get confident, so planner rows use fixed")
+    print("schedules of k tokens per step; tokens/s counts generated tokens per sequence.")
+    probes = None
+    if dev.type == "cuda":
+        probes = {
+            "copy_bandwidth_gbs": benchmarking.copy_bandwidth_gbs(str(dev)),
+            "matmul_tflops": benchmarking.matmul_peak_tflops(str(dev)),
+        }
+        print(
+            f"ceilings: copy {probes['copy_bandwidth_gbs']:.0f} GB/s, "
+            f"bf16 matmul {probes['matmul_tflops']:.0f} TFLOP/s"
+        )
+    rows: list[Row] = []
+    count = [0]
+
+    def progress(label: str) -> None:
+        count[0] += 1
+        print(f"  [{count[0]}] {label} ...", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    for name in chosen:
+        rows += STAGES[name](preset, dev, reps, progress)
+    print(format_table(rows))
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    meta = {
+        "preset": preset.name,
+        "command": command,
+        "environment": benchmarking.environment(dev),
+        "probes": probes,
+        "note": "random weights; tokens/s = generated tokens per second; speedup = ours / baseline",
+    }
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(
+                {**meta, "rows": [dataclasses.asdict(r) | {"speedup": r.speedup} for r in rows]}, f, indent=1
+            )
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(format_markdown(rows, meta))
+    if plot_path:
+        write_plot(rows, plot_path)
+    return rows
