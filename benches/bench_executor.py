@@ -134,9 +134,9 @@ def _roofline(ex, rows, tokens_per_s) -> dict:
 def _hf_decode_rate(hf, ids, total_ms, **kw) -> dict:
     prefill_ms = time_ms(lambda: _hf_generate(hf, ids, new=1, **kw), DEVICE, warmup=1, reps=ROUNDS)
     rows = ids.shape[0] * kw.get("num_return_sequences", 1)
-    return dict(
-        hf_prefill_ms=prefill_ms, hf_decode_tokens_per_s=rows * (NEW - 1) / ((total_ms - prefill_ms) / 1e3)
-    )
+    decode_ms = total_ms - prefill_ms  # None where timing noise swamps it (tiny CPU runs)
+    rate = rows * (NEW - 1) / (decode_ms / 1e3) if decode_ms > 0 else None
+    return dict(hf_prefill_ms=prefill_ms, hf_decode_tokens_per_s=rate)
 
 
 def _ours_extra(ex, out, rows) -> dict:
