@@ -19,6 +19,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from hybridkernels import _cuda
 from hybridkernels.models import ARExecutor
+from hybridkernels.models import executor as executor_mod
 from hybridkernels.ops import decode as decode_mod
 from hybridkernels.reference.ar_loop import ar_generate
 
@@ -303,6 +304,39 @@ def test_fixed_cache_len_reuses_the_state_and_from_pretrained(llama, tmp_path):
     assert len(fixed._states) == 1
     with pytest.raises(ValueError, match="overflows the KV cache"):
         fixed.generate(ids, mask, max_new_tokens=24)
+
+
+class _ReplayGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay() re-runs the captured function."""
+
+    captures = 0
+
+    def __init__(self, fn):
+        self.fn = fn
+        type(self).captures += 1
+
+    def replay(self):
+        self.fn()
+
+
+def test_graph_branch_replays_the_same_step(llama, monkeypatch):
+    """The graph path's control flow (warm-up step, capture once, replays, stop checks) on the
+    CPU, with the capture replaced by a function that records the step it was given."""
+    _, ex = llama
+    ids, mask = prompts()
+    free = ex.generate(ids, mask, max_new_tokens=NEW)
+    eos = int(free.tokens[0, 4])
+    plain = ex.generate(ids, mask, max_new_tokens=NEW, eos_token_id=eos, temperature=0.7, seed=5)
+    monkeypatch.setattr(executor_mod, "_capture", lambda fn, generator: _ReplayGraph(fn))
+    monkeypatch.setattr(executor_mod, "_on_side_stream", lambda fn: fn())
+    monkeypatch.setattr(ARExecutor, "_graph_enabled", lambda self, s: True)
+    graphed = ARExecutor(ex.model, stop_check_every=2)
+    for kw in (dict(), dict(eos_token_id=eos, temperature=0.7, seed=5)):
+        expected = free if not kw else plain
+        for _ in range(2):  # the second call replays the first call's graph
+            out = graphed.generate(ids, mask, max_new_tokens=NEW, **kw)
+            assert out.stats.cuda_graph and torch.equal(out.tokens, expected.tokens)
+    assert _ReplayGraph.captures == 2  # once per decode configuration
 
 
 def test_bad_inputs(llama):

@@ -73,7 +73,7 @@ def emit_tokens(
     an EOS id are marked in ``finished`` (bool ``[N]``, updated in place). Returns the tokens."""
     tokens = torch.where(finished, torch.full_like(sampled, pad_token_id), sampled)
     if eos_ids is not None:
-        finished |= torch.isin(tokens, eos_ids)
+        finished |= (tokens[:, None] == eos_ids).any(-1)
     return tokens
 
 
