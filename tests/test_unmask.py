@@ -383,9 +383,10 @@ def test_compile_cases_cover_every_config_and_dtype():
         k: [c for c in cases if c.kernel is k]
         for k in (tri._logits_partials_kernel, tri._lm_head_partials_kernel)
     }
-    assert len(per_kernel[tri._logits_partials_kernel]) == len(tri.LOGITS_CONFIGS) * 3 * 2
-    n_lm_head = sum(len(tri.lm_head_configs(dt)) for dt in (torch.float16, torch.bfloat16, torch.float32))
-    assert len(per_kernel[tri._lm_head_partials_kernel]) == n_lm_head * 2
+    # every config x dtype at temperature 0, plus the sampling variant of each dtype's first config
+    assert len(per_kernel[tri._logits_partials_kernel]) == (len(tri.LOGITS_CONFIGS) + 1) * 3
+    n_lm_head = sum(len(tri.lm_head_configs(dt)) + 1 for dt in (torch.float16, torch.bfloat16, torch.float32))
+    assert len(per_kernel[tri._lm_head_partials_kernel]) == n_lm_head
     for c in per_kernel[tri._lm_head_partials_kernel]:
         assert (c.hopper_features == ("wgmma",)) == ("fp32" not in c.name)
         assert c.constexprs["BLOCK_V"] >= 64 and c.constexprs["BLOCK_R"] >= 16  # wgmma-sized tiles

@@ -56,6 +56,7 @@ LM_HEAD_SPLIT_ALIGN = 256
 LM_HEAD_ROWS_PER_TILE_ESTIMATE = 64  # to size the split count before the autotuner picks BLOCK_R
 
 COMMIT_BLOCK = 32  # rows per commit program and per step of its ranking loop
+COMMIT_WARPS = 4
 PROGRAMS_PER_SM = 2
 
 # Small fixed configurations for the CPU interpreter (it does not autotune).
@@ -597,126 +598,83 @@ def unmask_step(
         RANDOM=random,
         USE_THRESHOLD=use_threshold,
         BLOCK=COMMIT_BLOCK,
-        num_warps=4,
+        num_warps=COMMIT_WARPS,
     )
     return UnmaskResult(x, committed, tokens, confidence)
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile cases (every autotune config x dtype x compile-time variant)
+# Compile cases: every autotune config x dtype at temperature 0; the sampling variant (the Philox
+# code) with each dtype's first config; each commit code path once. (The GPU-free check compiles
+# every case twice, for sm_80 and sm_90: the sampling variants of every config would double it.)
 # ----------------------------------------------------------------------------------------------
 
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_POINTERS = {
+    "committable_ptr": "*u8",
+    "committed_ptr": "*u8",
+    "banned_ptr": "*i32",
+    "deferred_ptr": "*i32",
+    "rows_ptr": "*i32",
+    "n_rows_ptr": "*i32",
+    "part_i_ptr": "*i32",
+    "part_f_ptr": "*fp32",
+    "confidence_ptr": "*fp32",
+    "seed_ptr": "*i64",
+    "x_ptr": "*i64",
+    "tokens_ptr": "*i64",
+    "num_transfer_ptr": "*i64",
+}
+_FLOAT_SCALARS = ("inv_temp", "threshold")
+
+
+def _case(kernel, name: str, constexprs: dict, cfg, scores: str = "", hopper_features=()) -> CompileCase:
+    """A CompileCase of ``kernel``: scores pointers of type ``scores``, other scalars i32."""
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = _POINTERS.get(arg, scores)
+        else:
+            signature[arg] = "fp32" if arg in _FLOAT_SCALARS else "i32"
+    return CompileCase(
+        kernel=kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        name=name,
+        hopper_features=hopper_features,
+    )
 
 
 @compile_cases
 def _unmask_compile_cases():
-    for dtype, ptr in _PTR.items():
-        for sample in (False, True):
-            for cfg in LOGITS_CONFIGS:
-                yield CompileCase(
-                    kernel=_logits_partials_kernel,
-                    signature={
-                        "logits_ptr": ptr,
-                        "committable_ptr": "*u8",
-                        "banned_ptr": "*i32",
-                        "seed_ptr": "*i64",
-                        "part_f_ptr": "*fp32",
-                        "part_i_ptr": "*i32",
-                        **dict.fromkeys(
-                            (
-                                "Lr",
-                                "V",
-                                "n_banned",
-                                "split_len",
-                                "n_splits",
-                                "n_part",
-                                "stride_lb",
-                                "stride_ll",
-                            ),
-                            "i32",
-                        ),
-                        "stride_lv": "i32",
-                        "inv_temp": "fp32",
-                        "SAMPLE": "constexpr",
-                        "BLOCK_V": "constexpr",
-                    },
-                    constexprs={"SAMPLE": sample, **cfg.kwargs},
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    name=f"unmask_logits_partials[{_DTYPE_NAME[dtype]}, sample={sample}, {cfg.kwargs}]",
-                )
-            for cfg in lm_head_configs(dtype):
-                yield CompileCase(
-                    kernel=_lm_head_partials_kernel,
-                    signature={
-                        "hidden_ptr": ptr,
-                        "weight_ptr": ptr,
-                        "rows_ptr": "*i32",
-                        "n_rows_ptr": "*i32",
-                        "banned_ptr": "*i32",
-                        "seed_ptr": "*i64",
-                        "part_f_ptr": "*fp32",
-                        "part_i_ptr": "*i32",
-                        **dict.fromkeys(
-                            ("Lr", "V", "D", "n_banned", "split_len", "n_splits", "n_part"), "i32"
-                        ),
-                        **dict.fromkeys(("stride_hb", "stride_hl", "stride_wv"), "i32"),
-                        "inv_temp": "fp32",
-                        **dict.fromkeys(
-                            ("SAMPLE", "DOT_PRECISION", "BLOCK_V", "BLOCK_R", "BLOCK_K"), "constexpr"
-                        ),
-                    },
-                    constexprs={
-                        "SAMPLE": sample,
-                        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                        **cfg.kwargs,
-                    },
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    name=f"unmask_lm_head_partials[{_DTYPE_NAME[dtype]}, sample={sample}, {cfg.kwargs}]",
-                    hopper_features=() if dtype == torch.float32 else ("wgmma",),
-                )
-    for sample in (False, True):
-        for random in (False, True):
-            for use_threshold in (False, True):
-                yield CompileCase(
-                    kernel=_commit_kernel,
-                    signature={
-                        "x_ptr": "*i64",
-                        "committable_ptr": "*u8",
-                        "num_transfer_ptr": "*i64",
-                        "part_f_ptr": "*fp32",
-                        "part_i_ptr": "*i32",
-                        "deferred_ptr": "*i32",
-                        "seed_ptr": "*i64",
-                        "tokens_ptr": "*i64",
-                        "confidence_ptr": "*fp32",
-                        "committed_ptr": "*u8",
-                        **dict.fromkeys(
-                            (
-                                "Lr",
-                                "V",
-                                "start",
-                                "n_splits",
-                                "n_part",
-                                "n_deferred",
-                                "stride_xb",
-                                "stride_xl",
-                            ),
-                            "i32",
-                        ),
-                        "threshold": "fp32",
-                        **dict.fromkeys(("SAMPLE", "RANDOM", "USE_THRESHOLD", "BLOCK"), "constexpr"),
-                    },
-                    constexprs={
-                        "SAMPLE": sample,
-                        "RANDOM": random,
-                        "USE_THRESHOLD": use_threshold,
-                        "BLOCK": COMMIT_BLOCK,
-                    },
-                    num_warps=4,
-                    num_stages=1,
-                    name=f"unmask_commit[sample={sample}, random={random}, threshold={use_threshold}]",
-                )
+    for dtype, dname in _DTYPE_NAME.items():
+        ptr = "*" + dname
+        for sample, configs in ((False, LOGITS_CONFIGS), (True, LOGITS_CONFIGS[:1])):
+            for cfg in configs:
+                name = f"unmask_logits_partials[{dname}, sample={sample}, {cfg.kwargs}]"
+                yield _case(_logits_partials_kernel, name, {"SAMPLE": sample, **cfg.kwargs}, cfg, ptr)
+        tuned = lm_head_configs(dtype)
+        for sample, configs in ((False, tuned), (True, tuned[:1])):
+            for cfg in configs:
+                name = f"unmask_lm_head_partials[{dname}, sample={sample}, {cfg.kwargs}]"
+                constexprs = {
+                    "SAMPLE": sample,
+                    "DOT_PRECISION": "ieee" if dname == "fp32" else "tf32",
+                    **cfg.kwargs,
+                }
+                hopper = () if dname == "fp32" else ("wgmma",)
+                yield _case(_lm_head_partials_kernel, name, constexprs, cfg, ptr, hopper)
+    commit = triton.Config({}, num_warps=COMMIT_WARPS, num_stages=1)
+    for sample, random, use_threshold in ((False, False, False), (False, False, True), (True, True, False)):
+        name = f"unmask_commit[sample={sample}, random={random}, threshold={use_threshold}]"
+        constexprs = {
+            "SAMPLE": sample,
+            "RANDOM": random,
+            "USE_THRESHOLD": use_threshold,
+            "BLOCK": COMMIT_BLOCK,
+        }
+        yield _case(_commit_kernel, name, constexprs, commit)
