@@ -176,11 +176,24 @@ def test_plan_splits():
     pytest.importorskip("triton")
     from hybridkernels.triton.attention import plan_splits
 
-    # plenty of programs: no split; batch-1 short block over a long cache: split, >= 256 keys each
-    assert plan_splits(rows=128, Lk=4096, programs_per_split=1024, sm_count=132) == (1, 4096)
-    splits, size = plan_splits(rows=128, Lk=8192, programs_per_split=8, sm_count=132)
+    # enough programs: no split; a batch-1 block over a long cache: split, >= 256 keys each
+    assert plan_splits(Lk=4096, programs_per_split=1024, target_programs=264) == (1, 4096)
+    splits, size = plan_splits(Lk=8192, programs_per_split=8, target_programs=264)
     assert splits > 1 and size % 128 == 0 and size >= 256 and (splits - 1) * size < 8192 <= splits * size
-    assert plan_splits(rows=32, Lk=300, programs_per_split=1, sm_count=132)[0] == 1
+    assert plan_splits(Lk=300, programs_per_split=1, target_programs=264)[0] == 1
+
+
+def test_kernel_compile_cases_cover_every_head_dim_and_dtype():
+    pytest.importorskip("triton")
+    from hybridkernels.ops._checks import HEAD_DIMS
+    from hybridkernels.triton import attention
+
+    names = [case.name for case in attention._compile_cases()]
+    assert attention.HEAD_DIMS == HEAD_DIMS
+    for dtype in ("fp16", "bf16", "fp32"):
+        for d in HEAD_DIMS:
+            assert any(n.startswith(f"attn_fwd[{dtype},D={d},") for n in names)
+            assert f"attn_merge_splits[{dtype},D={d}]" in names
 
 
 # ------------------------------------------------------------------------------------ dispatch

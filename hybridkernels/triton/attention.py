@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -285,13 +286,14 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 # (regime, head-dim class) -> autotune candidates for fp16/bf16. Each fits sm_80's shared memory
 # and spills at most ~100 bytes on sm_90 with causal + key mask (ptxas -v), the heaviest variant.
 # "long": many rows per (batch, kv head), compute-bound; "short": few rows over many keys,
-# memory-bound (deep pipelines, wide key tiles, BLOCK_M 32 for 32-row blocks without GQA).
+# memory-bound (wide key tiles; BLOCK_M 128 reads K/V once for a 32-query block x GQA group 4,
+# BLOCK_M 32 wastes no rows on a 32-query block without GQA).
 _CONFIGS_16BIT = {
     ("long", "d64"): [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3)],
     ("long", "d128"): [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3)],
     ("long", "d256"): [_config(64, 32, 8, 3), _config(64, 64, 8, 2), _config(128, 64, 8, 2)],
-    ("short", "d64"): [_config(64, 128, 4, 3), _config(64, 64, 4, 4), _config(32, 128, 4, 3)],
-    ("short", "d128"): [_config(64, 128, 8, 3), _config(64, 64, 4, 4), _config(32, 64, 4, 4)],
+    ("short", "d64"): [_config(64, 128, 4, 3), _config(128, 64, 4, 3), _config(32, 128, 4, 3)],
+    ("short", "d128"): [_config(64, 128, 8, 3), _config(128, 64, 8, 3), _config(32, 64, 4, 4)],
     ("short", "d256"): [_config(64, 32, 8, 3), _config(64, 64, 8, 2), _config(32, 32, 4, 3)],
 }
 # fp32 runs 3xTF32 dots (about fp32 accuracy on tensor cores); exact "ieee" dots spill kilobytes.
@@ -303,6 +305,7 @@ _CONFIGS_32BIT = {
 # Under the interpreter: few, large-ish programs (its cost is per program and per op).
 _INTERPRETER_CONFIG = _config(32, 32, 4, 1)
 _MAX_BLOCK_N = 128  # split sizes are multiples of it, so every BLOCK_N divides them
+HEAD_DIMS = (32, 64, 96, 128, 256)  # as the op's contract (hybridkernels.ops._checks)
 
 
 def _head_dim_class(head_dim: int) -> str:
@@ -327,9 +330,7 @@ def _tuned_kernel(regime: str, head_dim: int, dtype: torch.dtype):
 
 
 def _interpreting() -> bool:
-    from ..ops._dispatch import triton_interpreting
-
-    return triton_interpreting()
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
 @functools.cache
@@ -342,16 +343,13 @@ def _length_class(n: int) -> int:
     return triton.next_power_of_2(max(1, min(n, 1 << 16)))
 
 
-def plan_splits(rows: int, Lk: int, programs_per_split: int, sm_count: int) -> tuple[int, int]:
-    """``(num_splits, split_size)``: split the keys when the row blocks alone leave SMs idle.
-
-    Aims at about two programs per SM, with at least 256 keys per split; ``split_size`` is a
-    multiple of the largest key tile so every tile lies in one split.
-    """
-    target = 2 * sm_count
+def plan_splits(Lk: int, programs_per_split: int, target_programs: int) -> tuple[int, int]:
+    """``(num_splits, split_size)``: split the keys when the row blocks alone launch fewer than
+    ``target_programs`` programs, keeping at least 256 keys per split. ``split_size`` is a
+    multiple of the largest key tile, so every tile lies in one split."""
     splits = 1
-    if programs_per_split < target:
-        splits = min(triton.cdiv(target, programs_per_split), max(1, Lk // 256), 128)
+    if programs_per_split < target_programs:
+        splits = min(triton.cdiv(target_programs, programs_per_split), max(1, Lk // 256), 128)
     split_size = triton.cdiv(triton.cdiv(Lk, splits), _MAX_BLOCK_N) * _MAX_BLOCK_N
     return triton.cdiv(Lk, split_size), split_size
 
@@ -383,9 +381,10 @@ def flash_attention(
     regime = "short" if rows <= 256 and Lk >= 4 * Lq else "long"
 
     if num_splits is None:
+        # Memory-bound short blocks want ~2 programs per SM in flight; long rows one full wave.
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 1
-        block_m = 64 if regime == "short" else 128
-        num_splits, split_size = plan_splits(rows, Lk, triton.cdiv(rows, block_m) * B * Hkv, sm_count)
+        block_m, waves = (64, 2) if regime == "short" else (128, 1)
+        num_splits, split_size = plan_splits(Lk, triton.cdiv(rows, block_m) * B * Hkv, waves * sm_count)
     else:
         num_splits = max(1, min(int(num_splits), triton.cdiv(Lk, _MAX_BLOCK_N)))
         split_size = triton.cdiv(triton.cdiv(Lk, num_splits), _MAX_BLOCK_N) * _MAX_BLOCK_N
@@ -464,8 +463,6 @@ def _attn_signature(dtype: torch.dtype, out_dtype: str) -> dict[str, str]:
 def _compile_cases():
     """Every autotune config x dtype x head dim of the attention kernel (causal + key mask: the
     superset of the masking code), in both output modes, and the split merge."""
-    from ..ops._checks import HEAD_DIMS
-
     for dtype, name in _TRITON_DTYPES.items():
         hopper = ("wgmma",) if dtype != torch.float32 else ()
         for head_dim in HEAD_DIMS:
