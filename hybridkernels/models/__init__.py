@@ -1,16 +1,23 @@
 """Thin model classes (no kernels inside): the shared Llama-family transformer and its loaders."""
 
 from .config import TransformerConfig
+from .diffusion_cache import DiffusionKVCache
 from .executor import ARExecutor, GenerationOutput, GenerationStats, PlanAnswerOutput
 from .loading import load_hf_model, load_pretrained, save_pretrained
+from .planner import DiffusionPlanner, PlannerBlock, PlannerOutput, PlannerStats
 from .transformer import KVCacheHook, Transformer, TransformerOutput
 
 __all__ = [
     "ARExecutor",
+    "DiffusionKVCache",
+    "DiffusionPlanner",
     "GenerationOutput",
     "GenerationStats",
     "PlanAnswerOutput",
     "KVCacheHook",
+    "PlannerBlock",
+    "PlannerOutput",
+    "PlannerStats",
     "Transformer",
     "TransformerConfig",
     "TransformerOutput",

@@ -1,0 +1,644 @@
+"""``DiffusionPlanner``: LLaDA-style masked-diffusion generation on the fast ops.
+
+The algorithm is LLaDA's (:func:`hybridkernels.reference.llada_generate`, the spec): the
+generation starts fully masked and is denoised window by window (blocks of ``block_length``, or
+the whole generation with ``schedule="parallel"``); every step runs the model, proposes a token
+for every masked position of the window and commits the most confident ones. What changes is
+how a step is computed:
+
+* The LM head runs only on the window's rows, through the fused path of
+  :func:`hybridkernels.ops.unmask_step` (``hidden`` + ``lm_head``): no ``[B, L, V]`` logits.
+* Classifier-free guidance combines the final hidden states, ``h_u + (s + 1) (h_c - h_u)``, before
+  the (linear) LM head: the same logits as LLaDA's ``u + (s + 1) (c - u)``, up to rounding.
+* ``cache="dual"`` (Fast-dLLM's dual cache): a full forward at each window start fills one K/V
+  buffer per layer over the whole sequence (:class:`DiffusionKVCache`); the other steps of the
+  window run the model on the window's tokens only and attend to the buffer, the prompt, finished
+  blocks and masked suffix as of the refresh. ``cache="prefix"``: the same, but those steps attend
+  only up to the window's end (the masked suffix is dropped, not recomputed). ``cache_refresh=n``
+  also refreshes every ``n`` steps inside a window (``1``: every step is a full forward, which
+  gives exactly the no-cache result).
+* On CUDA the step (forward + guidance + unmask) is captured in a CUDA graph per shape and
+  replayed; the window's position is a device tensor of slots, so one graph serves every block.
+  The eager path runs the same function.
+
+At temperature 0 and without a cache, the tokens equal ``llada_generate``'s (same model, same
+arguments; ``remasking="random"`` draws its ranks exactly as the reference does, from
+``generator``). Departures: the sampling noise at temperature > 0 is the op's (same distribution,
+other draws); steps that would commit nothing (``steps / num_blocks > block_length``) are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .. import ops
+from ..reference.llada import check_token_ids
+from ..reference.unmask import get_num_transfer_tokens, rank_and_commit
+from ..schedules import ParallelForcedSchedule
+from .diffusion_cache import DiffusionKVCache
+from .transformer import Transformer, default_position_ids
+
+WHERE = "DiffusionPlanner.generate"
+CACHES = (None, "prefix", "dual")
+SCHEDULES = ("block", "parallel")
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class PlannerStats:
+    """What a run did.
+
+    forward_passes: model calls (a CFG step is one call on ``2B`` rows; refreshes and the final
+    pass of ``return_hidden`` included). steps: denoising steps. committed: int64 ``[steps, B]``
+    tokens committed per step and sequence. refreshes: full forwards that filled the cache.
+    skipped_blocks: windows not computed (``eos_early_stop``). graph_replays: steps replayed from a
+    CUDA graph. seconds: wall time of the call.
+    """
+
+    forward_passes: int
+    steps: int
+    committed: torch.Tensor
+    refreshes: int
+    skipped_blocks: int
+    graph_replays: int
+    seconds: float
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Mean tokens committed per step and sequence."""
+        return float(self.committed.float().mean()) if self.steps else 0.0
+
+
+class PlannerOutput(NamedTuple):
+    """tokens: int64 ``[B, Lp + gen_length]`` (prompt, left-padded as given, then the generation).
+    hidden: ``[B, gen_length, d]`` final-layer hidden states (after the final norm, model dtype) of
+    the generated positions from one forward over the finished sequence, or None.
+    """
+
+    tokens: torch.Tensor
+    hidden: torch.Tensor | None
+    stats: PlannerStats
+    prompt_length: int
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """``[B, gen_length]``: the generated tokens."""
+        return self.tokens[:, self.prompt_length :]
+
+
+class PlannerBlock(NamedTuple):
+    """Yielded by :meth:`DiffusionPlanner.generate_stream` when window ``index`` (``[start, stop)``)
+    is done. ``tokens`` is the planner's live ``[B, Lp + gen_length]`` buffer: clone what you keep."""
+
+    index: int
+    start: int
+    stop: int
+    tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _StepKey:
+    """Everything a captured step bakes in besides the workspace's tensors."""
+
+    temperature: float
+    cfg_scale: float
+    remasking: str
+    threshold: float | None
+    banned: tuple[int, ...]
+    deferred: tuple[int, ...]
+
+
+class _Workspace:
+    """Static tensors of one (batch, prompt length, generation length, mask, CFG, cache) shape:
+    the tokens, positions, K/V buffers and the steps' inputs; the CUDA graphs read them."""
+
+    def __init__(self, planner: DiffusionPlanner, B, Lp, G, has_mask, cfg, cache, device):
+        model = planner.model
+        cfg_rows = 2 * B if cfg else B
+        L = Lp + G
+        self.key = (B, Lp, G, has_mask, cfg, cache, device)
+        self.prompt_length, self.length = Lp, L
+        self.x = torch.empty(B, L, dtype=torch.long, device=device)
+        self.valid = torch.ones(cfg_rows, L, dtype=torch.bool, device=device) if has_mask else None
+        self.pos = torch.empty(cfg_rows, L, dtype=torch.long, device=device)
+        self.all_slots = torch.arange(L, device=device)
+        self.slots: dict[int, torch.Tensor] = {}
+        self.num_transfer = torch.zeros(B, dtype=torch.long, device=device)
+        self.no_transfer = torch.zeros(B, dtype=torch.long, device=device)
+        self.count = torch.zeros(B, dtype=torch.long, device=device)
+        self.deferred_ids: dict[tuple[int, ...], torch.Tensor] = {}
+        c = model.config
+        self.kv = None
+        if cache is not None:
+            self.kv = DiffusionKVCache(
+                num_layers=c.num_layers,
+                batch=cfg_rows,
+                length=L,
+                num_kv_heads=c.num_kv_heads,
+                head_dim=c.head_dim,
+                dtype=model.dtype,
+                device=device,
+                key_padding_mask=self.valid,
+                backend=planner.backend,
+            )
+        self.graphs: dict = {}
+        self.pool = None
+
+    def load(self, prompt: torch.Tensor, attention_mask: torch.Tensor | None, mask_id: int) -> None:
+        B, Lp = prompt.shape
+        self.x[:, :Lp] = prompt
+        self.x[:, Lp:] = mask_id
+        if self.valid is not None:
+            rows = self.valid.shape[0]
+            self.valid[:, :Lp] = (attention_mask != 0).repeat(rows // B, 1)
+        self.pos.copy_(default_position_ids(self.valid, self.pos.shape[0], self.length, self.x.device))
+
+    def window(self, start: int, stop: int) -> torch.Tensor:
+        """The static slot tensor ``[stop - start]`` of a window (one per length), set to it."""
+        slots = self.slots.get(stop - start)
+        if slots is None:
+            slots = self.slots[stop - start] = torch.empty(
+                stop - start, dtype=torch.long, device=self.x.device
+            )
+        slots.copy_(self.all_slots[start:stop])
+        return slots
+
+
+class DiffusionPlanner:
+    """Masked-diffusion generation (LLaDA) with a :class:`~hybridkernels.models.Transformer`.
+
+    Args:
+        model: the planner's transformer (run bidirectionally whatever its ``causal`` default).
+        mask_id, eos_id, eot_id: special tokens; default from ``model.config``
+            (``mask_token_id``, ``eos_token_ids[0]``, ``eot_token_id``).
+        backend: backend of the attention and unmask ops (``"triton"``, ``"reference"``, None =
+            the model's / auto).
+
+    The planner keeps the static buffers (K/V cache, tokens) and CUDA graphs of its last
+    generation shape for the next call; :meth:`release` frees them.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        mask_id: int | None = None,
+        eos_id: int | None = None,
+        eot_id: int | None = None,
+        backend: str | None = None,
+    ):
+        if not isinstance(model, Transformer):
+            raise TypeError(f"DiffusionPlanner: model must be a Transformer, got {type(model).__name__}")
+        c = model.config
+        V = c.vocab_size
+        self.model = model
+        defaults = {
+            "mask_id": c.mask_token_id,
+            "eos_id": c.eos_token_ids[0] if c.eos_token_ids else None,
+            "eot_id": c.eot_token_id,
+        }
+        for name, value in (("mask_id", mask_id), ("eos_id", eos_id), ("eot_id", eot_id)):
+            if value is None:  # from the config; LLaDA's default ids do not fit a tiny vocabulary
+                value = defaults[name] if defaults[name] is not None and 0 <= defaults[name] < V else None
+            elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < V:
+                raise ValueError(f"DiffusionPlanner: {name} must be a token id in [0, {V}), got {value!r}")
+            setattr(self, name, value)
+        if self.mask_id is None:
+            raise ValueError(f"DiffusionPlanner: the config has no mask_token_id in [0, {V}); pass mask_id")
+        self.backend = backend
+        self._workspace: _Workspace | None = None
+
+    @classmethod
+    def from_pretrained(cls, path, *, backend: str | None = None, **kwargs) -> DiffusionPlanner:
+        """Load a LLaDA (or any Llama-family) checkpoint directory; ``kwargs`` go to
+        :meth:`Transformer.from_pretrained` (``dtype``, ``device``, ...)."""
+        return cls(
+            Transformer.from_pretrained(path, causal=False, backend=backend, **kwargs), backend=backend
+        )
+
+    def release(self) -> None:
+        """Free the cached buffers and CUDA graphs."""
+        self._workspace = None
+
+    # ------------------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Generate ``gen_length`` tokens after each prompt.
+
+        Args:
+            prompt_ids: int ``[B, Lp]`` token ids on the model's device, left-padded; must not
+                contain ``mask_id``.
+            attention_mask: ``[B, Lp]`` bool or 0/1 (1 = real token, zeros first), or None.
+            gen_length: tokens to generate (default 128).
+            steps: denoising steps in total, split evenly over the windows (default 128).
+            block_length: window length; ``gen_length % block_length == 0``, ``steps`` a multiple of
+                the number of blocks. Default (None): ``gen_length``.
+            temperature: 0 = greedy; > 0 samples ``softmax(logits / temperature)`` (Gumbel-max).
+            cfg_scale: classifier-free guidance, LLaDA's rule (the unconditional pass has the
+                prompt set to ``mask_id``).
+            remasking: ``"low_confidence"`` or ``"random"`` (rank by a uniform draw).
+            threshold: Fast-dLLM: each step commits every masked position whose confidence is
+                ``>= threshold`` and at least the most confident one, until the window is done
+                (``steps`` then only has to divide evenly; at most ``block_length`` steps a window).
+            cache: None, ``"prefix"`` or ``"dual"`` (see the module docstring).
+            cache_refresh: with a cache, also refresh every ``cache_refresh`` steps in a window.
+            schedule: ``"block"`` (LLaDA's semi-autoregressive blocks) or ``"parallel"`` (NAP's
+                parallel-forced decoding: one window, the whole generation, at least ``parallel_k``
+                tokens per step, default ``gen_length // steps``; see
+                :class:`hybridkernels.schedules.ParallelForcedSchedule`).
+            eos_early_stop: after each window, a sequence whose generation so far ends in a run of
+                EOS that starts at its first EOS gets EOS in all later positions (LLaDA pads its
+                answers with EOS), and once every sequence is so, the remaining windows are skipped.
+            logits_eos_inf: EOS is never sampled. confidence_eos_eot_inf: EOS / EoT candidates
+                are committed last (both as in LLaDA).
+            return_hidden: also return the final hidden states of the generated positions.
+            generator: randomness of ``temperature > 0`` and ``remasking="random"``.
+            cuda_graph: capture the steps in CUDA graphs (default: on CUDA tensors, unless a
+                ``generator`` drives random draws: those are replayed from torch's default one).
+
+        Returns :class:`PlannerOutput` ``(tokens, hidden, stats, prompt_length)``.
+        """
+        started = time.perf_counter()
+        run = _Run(self, prompt_ids, attention_mask, **kwargs)
+        for _ in run.blocks():
+            pass
+        return run.finish(started)
+
+    def generate_stream(
+        self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> Iterator[PlannerBlock]:
+        """Same arguments as :meth:`generate` (``return_hidden`` excepted); yields a
+        :class:`PlannerBlock` after each window, e.g. to hand finished blocks downstream early.
+        Stopping the iteration stops the generation."""
+        if kwargs.get("return_hidden"):
+            raise ValueError("DiffusionPlanner.generate_stream: return_hidden is only for generate()")
+        with torch.no_grad():
+            run = _Run(self, prompt_ids, attention_mask, **kwargs)
+        blocks = run.blocks()
+        while True:
+            with torch.no_grad():
+                block = next(blocks, None)
+            if block is None:
+                return
+            yield block
+
+    # ------------------------------------------------------------------------------ one step
+    def _step(
+        self, ws: _Workspace, key: _StepKey, full: bool, slots: torch.Tensor, key_length: int, generator
+    ):
+        """One denoising step on the window ``slots``: forward (all positions when ``full``, else
+        the window's, against the cache), guidance, fused LM head + commit into ``ws.x``. Reads and
+        writes only ``ws``'s tensors, so it can be captured and replayed."""
+        model, x, Lp = self.model, ws.x, ws.prompt_length
+        ids = x
+        if key.cfg_scale > 0:
+            uncond = x.clone()
+            uncond[:, :Lp] = self.mask_id
+            ids = torch.cat([x, uncond])
+        fwd = dict(causal=False, compute_logits=False, backend=self.backend)
+        if ws.kv is None:
+            hidden = model(ids, ws.valid, position_ids=ws.pos, **fwd).hidden.index_select(1, slots)
+        elif full:
+            ws.kv.set_queries(ws.all_slots, ws.length)
+            hidden = model(ids, position_ids=ws.pos, kv_cache=ws.kv, **fwd).hidden.index_select(1, slots)
+        else:
+            ws.kv.set_queries(slots, key_length)
+            q_ids, q_pos = ids.index_select(1, slots), ws.pos.index_select(1, slots)
+            hidden = model(q_ids, position_ids=q_pos, kv_cache=ws.kv, **fwd).hidden
+        if key.cfg_scale > 0:
+            cond, uncond = hidden.float().chunk(2)
+            hidden = (uncond + (key.cfg_scale + 1) * (cond - uncond)).to(model.dtype)
+
+        window = x.index_select(1, slots)
+        rule = (
+            {"threshold": key.threshold} if key.threshold is not None else {"num_transfer": ws.num_transfer}
+        )
+        op_kw = dict(
+            hidden=hidden,
+            lm_head=model.lm_head_weight,
+            mask_id=self.mask_id,
+            temperature=key.temperature,
+            banned_token_ids=key.banned,
+            generator=generator,
+            backend=self.backend,
+        )
+        if key.remasking == "low_confidence":
+            committed = ops.unmask_step(window, deferred_token_ids=key.deferred, **rule, **op_kw).committed
+        else:
+            # The op proposes the candidates (committing nothing); the ranks are LLaDA's uniform
+            # draw over the whole [B, L] sequence, from the same generator in the same order.
+            tokens = ops.unmask_step(window, num_transfer=ws.no_transfer, **op_kw).tokens
+            draw = torch.rand(x.shape, generator=generator, device=x.device).index_select(1, slots)
+            committable = window == self.mask_id
+            blocked = ~committable
+            if key.deferred:
+                blocked |= torch.isin(tokens, ws.deferred_ids[key.deferred])
+            score = draw.masked_fill(blocked, float("-inf"))
+            committed = rank_and_commit(
+                score, committable, num_transfer=rule.get("num_transfer"), threshold=key.threshold
+            )
+            window = torch.where(committed, tokens, window)
+        x.index_copy_(1, slots, window)
+        ws.count.copy_(committed.sum(dim=1))
+
+    def _run_step(
+        self, ws: _Workspace, key: _StepKey, full, slots, key_length, generator, graphs: bool
+    ) -> bool:
+        """Run one step eagerly, or from a CUDA graph (captured at the second step of a shape: the
+        first, eager, one compiles and autotunes the kernels). Returns whether it replayed."""
+        if not graphs:
+            self._step(ws, key, full, slots, key_length, generator)
+            return False
+        gkey = (key, full, slots.numel(), key_length)
+        graph = ws.graphs.get(gkey)
+        if graph is None:
+            ws.graphs[gkey] = "warm"
+            self._step(ws, key, full, slots, key_length, generator)
+            return False
+        if graph == "warm":
+            if ws.pool is None:
+                ws.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # Nothing a step allocates outlives it, so the graphs of a workspace share one pool.
+            with torch.cuda.graph(graph, pool=ws.pool):
+                self._step(ws, key, full, slots, key_length, generator)
+            ws.graphs[gkey] = graph
+        graph.replay()
+        return True
+
+
+class _Run:
+    """One generation: checked arguments, the workspace, and the window loop."""
+
+    def __init__(
+        self,
+        planner: DiffusionPlanner,
+        prompt_ids,
+        attention_mask=None,
+        *,
+        gen_length: int = 128,
+        steps: int = 128,
+        block_length: int | None = None,
+        temperature: float = 0.0,
+        cfg_scale: float = 0.0,
+        remasking: str = "low_confidence",
+        threshold: float | None = None,
+        cache: str | None = None,
+        cache_refresh: int | None = None,
+        schedule: str = "block",
+        parallel_k: int | None = None,
+        eos_early_stop: bool = False,
+        logits_eos_inf: bool = False,
+        confidence_eos_eot_inf: bool = False,
+        return_hidden: bool = False,
+        generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
+    ):
+        self.planner = p = planner
+        block_length = gen_length if block_length is None and _is_int(gen_length) else block_length
+        _check_prompt(prompt_ids, attention_mask, p.model, p.mask_id)
+        for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{WHERE}: {name} must be a positive int, got {value!r}")
+        if gen_length % block_length:
+            raise ValueError(
+                f"{WHERE}: gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
+            )
+        for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(f"{WHERE}: {name} must be a finite number >= 0, got {value!r}")
+        if remasking not in REMASKING:
+            raise ValueError(f"{WHERE}: remasking must be one of {REMASKING}, got {remasking!r}")
+        if cache not in CACHES:
+            raise ValueError(f"{WHERE}: cache must be one of {CACHES}, got {cache!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{WHERE}: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold)
+        ):
+            raise ValueError(f"{WHERE}: threshold must be a number or None, got {threshold!r}")
+        if cache_refresh is not None and (not _is_int(cache_refresh) or cache_refresh <= 0):
+            raise ValueError(f"{WHERE}: cache_refresh must be a positive int or None, got {cache_refresh!r}")
+        if cache_refresh is not None and cache is None:
+            raise ValueError(f"{WHERE}: cache_refresh needs cache='prefix' or 'dual'")
+        if schedule == "parallel":
+            if block_length != gen_length:
+                raise ValueError(
+                    f"{WHERE}: schedule='parallel' denoises the whole generation at once; leave "
+                    f"block_length None or equal to gen_length ({gen_length}), got {block_length}"
+                )
+            if threshold is not None:
+                raise ValueError(f"{WHERE}: give threshold or schedule='parallel', not both")
+            if steps > gen_length:
+                raise ValueError(
+                    f"{WHERE}: schedule='parallel' needs steps <= gen_length ({gen_length}), got {steps}"
+                )
+            parallel_k = max(1, gen_length // steps) if parallel_k is None else parallel_k
+        elif parallel_k is not None:
+            raise ValueError(f"{WHERE}: parallel_k is only for schedule='parallel'")
+        self.num_windows = gen_length // block_length
+        if steps % self.num_windows:
+            raise ValueError(
+                f"{WHERE}: steps ({steps}) must be a multiple of the number of blocks "
+                f"({self.num_windows} = gen_length / block_length)"
+            )
+        for option, on, ids in (
+            ("logits_eos_inf", logits_eos_inf, ("eos_id",)),
+            ("eos_early_stop", eos_early_stop, ("eos_id",)),
+            ("confidence_eos_eot_inf", confidence_eos_eot_inf, ("eos_id", "eot_id")),
+        ):
+            missing = [name for name in ids if on and getattr(p, name) is None]
+            if missing:
+                raise ValueError(
+                    f"{WHERE}: {option} needs the planner's {missing[0]} (pass it to DiffusionPlanner)"
+                )
+        banned = (p.eos_id,) if logits_eos_inf else ()
+        deferred = tuple(sorted({p.eos_id, p.eot_id})) if confidence_eos_eot_inf else ()
+
+        device = p.model.device
+        randomness = temperature > 0 or remasking == "random"
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and not (randomness and generator is not None)
+        elif cuda_graph and device.type != "cuda":
+            raise ValueError(f"{WHERE}: cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        elif cuda_graph and randomness and generator is not None:
+            raise ValueError(
+                f"{WHERE}: cuda_graph=True replays random draws from torch's default generator; "
+                "pass generator=None (seed with torch.manual_seed) or cuda_graph=False"
+            )
+
+        B, Lp = prompt_ids.shape
+        self.B, self.Lp, self.G, self.block_length = B, Lp, gen_length, block_length
+        self.steps_per_window = steps // self.num_windows
+        self.key = _StepKey(float(temperature), float(cfg_scale), remasking, threshold, banned, deferred)
+        self.cache, self.cache_refresh, self.schedule = cache, cache_refresh, schedule
+        self.eos_early_stop, self.return_hidden = eos_early_stop, return_hidden
+        self.generator, self.graphs, self.randomness = generator, bool(cuda_graph), randomness
+        self.parallel = (
+            ParallelForcedSchedule(Lp, gen_length, parallel_k, steps) if schedule == "parallel" else None
+        )
+
+        ws_key = (B, Lp, gen_length, attention_mask is not None, cfg_scale > 0, cache, device)
+        if p._workspace is None or p._workspace.key != ws_key:
+            p._workspace = None  # free the old buffers before allocating new ones
+            p._workspace = _Workspace(
+                p, B, Lp, gen_length, attention_mask is not None, cfg_scale > 0, cache, device
+            )
+        self.ws = ws = p._workspace
+        ws.load(prompt_ids, attention_mask, p.mask_id)
+        if deferred and deferred not in ws.deferred_ids:
+            ws.deferred_ids[deferred] = torch.tensor(deferred, device=device)
+        self.committed: list[torch.Tensor] = []
+        self.forward_passes = self.refreshes = self.skipped = self.replays = 0
+
+    def blocks(self) -> Iterator[PlannerBlock]:
+        ws, x, Lp, mask_id = self.ws, self.ws.x, self.Lp, self.planner.mask_id
+        for index in range(self.num_windows):
+            start, stop = Lp + index * self.block_length, Lp + (index + 1) * self.block_length
+            first = start
+            if start > Lp:
+                first, all_done = self._between_windows(start)
+                if all_done:
+                    self.skipped = self.num_windows - index
+                    return
+            # A position the model filled with mask_id stays masked and stays committable (as in
+            # LLaDA): the window then reaches back to it.
+            slots = ws.window(first, stop)
+            key_length = stop if self.cache == "prefix" else ws.length
+            if self.parallel is None:
+                table = get_num_transfer_tokens(x[:, start:stop] == mask_id, self.steps_per_window)
+                n_steps = stop - first if self.key.threshold is not None else self.steps_per_window
+                # Steps that commit nothing (more steps than masks) are skipped, unless they
+                # would consume random draws.
+                active = table.any(dim=0).tolist() if not self.randomness else [True] * n_steps
+            else:
+                n_steps, active = self.parallel.steps, None
+            window_steps = 0
+            for i in range(n_steps):
+                if self.key.threshold is not None:
+                    if not bool((x[:, first:stop] == mask_id).any()):
+                        break
+                elif self.parallel is not None:
+                    ws.num_transfer.copy_(self.parallel.plan(x, mask_id, 0, i).num_transfer)
+                elif not active[i]:
+                    continue
+                else:
+                    ws.num_transfer.copy_(table[:, i])
+                full = (
+                    self.cache is None
+                    or window_steps == 0
+                    or (self.cache_refresh is not None and window_steps % self.cache_refresh == 0)
+                )
+                replayed = self.planner._run_step(
+                    ws, self.key, full, slots, key_length, self.generator, self.graphs
+                )
+                window_steps += 1
+                self.replays += replayed
+                self.refreshes += full and self.cache is not None
+                self.committed.append(ws.count.clone())
+            self.forward_passes += window_steps
+            yield PlannerBlock(index, start, stop, x)
+
+    def _between_windows(self, start: int) -> tuple[int, bool]:
+        """One host sync before a window: the first still-masked generated position (stale masks),
+        and, with ``eos_early_stop``, EOS-fill the finished sequences and say whether all are."""
+        x, Lp, mask_id = self.ws.x, self.Lp, self.planner.mask_id
+        stale = (x[:, Lp:start] == mask_id).any(dim=0)
+        stale_at = torch.where(stale.any(), stale.int().argmax() + Lp, start)
+        if not self.eos_early_stop:
+            return int(stale_at), False
+        done = _ends_in_eos(x[:, Lp:start], self.planner.eos_id)
+        x[:, start:].masked_fill_(done[:, None], self.planner.eos_id)
+        first, all_done = torch.stack([stale_at, done.all().long()]).tolist()
+        return first, bool(all_done)
+
+    def finish(self, started: float) -> PlannerOutput:
+        ws = self.ws
+        hidden = None
+        if self.return_hidden:
+            out = self.planner.model(
+                ws.x,
+                None if ws.valid is None else ws.valid[: self.B],
+                position_ids=ws.pos[: self.B],
+                causal=False,
+                compute_logits=False,
+                backend=self.planner.backend,
+            )
+            hidden = out.hidden[:, self.Lp :]
+            self.forward_passes += 1
+        committed = (
+            torch.stack(self.committed) if self.committed else torch.zeros(0, self.B, dtype=torch.long)
+        ).cpu()
+        tokens = ws.x.clone()
+        if tokens.is_cuda:
+            torch.cuda.synchronize(tokens.device)
+        stats = PlannerStats(
+            forward_passes=self.forward_passes,
+            steps=len(self.committed),
+            committed=committed,
+            refreshes=self.refreshes,
+            skipped_blocks=self.skipped,
+            graph_replays=self.replays,
+            seconds=time.perf_counter() - started,
+        )
+        return PlannerOutput(tokens, hidden, stats, self.Lp)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ends_in_eos(gen: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """bool ``[B]``: the row holds EOS and every position from its first EOS on is EOS."""
+    is_eos = gen == eos_id
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), gen.shape[1])
+    before = torch.arange(gen.shape[1], device=gen.device)[None, :] < first[:, None]
+    return is_eos.any(dim=1) & (is_eos | before).all(dim=1)
+
+
+def _check_prompt(prompt, attention_mask, model: Transformer, mask_id: int) -> None:
+    check_token_ids(WHERE, "prompt_ids", prompt)
+    if prompt.device != model.device:
+        raise ValueError(f"{WHERE}: prompt_ids is on {prompt.device}, the model on {model.device}")
+    V = model.config.vocab_size
+    if bool(((prompt < 0) | (prompt >= V)).any()):
+        raise ValueError(f"{WHERE}: prompt_ids must hold token ids in [0, {V})")
+    if bool((prompt == mask_id).any()):
+        row, col = (prompt == mask_id).nonzero()[0].tolist()
+        raise ValueError(
+            f"{WHERE}: prompt_ids[{row}, {col}] is the mask token {mask_id}; prompts (and their "
+            "padding) must not contain mask_id"
+        )
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt.shape:
+        got = (
+            tuple(attention_mask.shape)
+            if isinstance(attention_mask, torch.Tensor)
+            else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"{WHERE}: attention_mask must have prompt_ids' shape {tuple(prompt.shape)}, got {got}"
+        )
+    if attention_mask.device != prompt.device:
+        raise ValueError(
+            f"{WHERE}: attention_mask is on {attention_mask.device}, prompt_ids on {prompt.device}"
+        )
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"{WHERE}: attention_mask must hold 0/1 (or bool) values")
+    valid = attention_mask != 0
+    if bool((~valid.any(dim=1)).any()):
+        row = int((~valid.any(dim=1)).nonzero()[0])
+        raise ValueError(f"{WHERE}: prompt row {row} is empty (all padding)")
+    if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+        raise ValueError(f"{WHERE}: attention_mask must be left padding (zeros, then ones, per row)")
