@@ -332,6 +332,33 @@ def _merge_splits(
 
 
 @triton.jit
+def _window_rows(
+    committable_ptr, part_f_ptr, part_i_ptr, deferred_ptr, b, offs, Lr, n_splits, n_part, n_deferred, seed, V,
+    SAMPLE: tl.constexpr, RANDOM: tl.constexpr,
+):  # fmt: skip
+    """Window rows ``offs`` of sequence ``b``: committable flag, candidate, and ranking confidence
+    (-inf unless committable)."""
+    ok = offs < Lr
+    rows = b * Lr + offs
+    committable = (tl.load(committable_ptr + rows, mask=ok, other=0) != 0) & ok
+    candidate, confidence = _merge_splits(
+        part_f_ptr,
+        part_i_ptr,
+        rows,
+        committable,
+        n_splits,
+        n_part,
+        deferred_ptr,
+        n_deferred,
+        seed,
+        V,
+        SAMPLE,
+        RANDOM,
+    )
+    return committable, candidate, tl.where(committable, confidence, float("-inf"))
+
+
+@triton.jit
 def _commit_kernel(
     x_ptr,
     committable_ptr,
@@ -362,44 +389,19 @@ def _commit_kernel(
     ok_i = offs_i < Lr
     rows_i = b * Lr + offs_i
     seed = tl.load(seed_ptr) if (SAMPLE or RANDOM) else 0
-    com_i = (tl.load(committable_ptr + rows_i, mask=ok_i, other=0) != 0) & ok_i
-    cand_i, conf_i = _merge_splits(
-        part_f_ptr,
-        part_i_ptr,
-        rows_i,
-        com_i,
-        n_splits,
-        n_part,
-        deferred_ptr,
-        n_deferred,
-        seed,
-        V,
-        SAMPLE,
-        RANDOM,
-    )
-    conf_i = tl.where(com_i, conf_i, float("-inf"))
+    com_i, cand_i, conf_i = _window_rows(
+        committable_ptr, part_f_ptr, part_i_ptr, deferred_ptr, b, offs_i, Lr,
+        n_splits, n_part, n_deferred, seed, V, SAMPLE, RANDOM,
+    )  # fmt: skip
 
     # rank = number of masked rows ahead: higher confidence, or equal and at a lower position.
     rank = tl.zeros([BLOCK], tl.int32)
     for j0 in range(0, Lr, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
-        ok_j = offs_j < Lr
-        rows_j = b * Lr + offs_j
-        com_j = (tl.load(committable_ptr + rows_j, mask=ok_j, other=0) != 0) & ok_j
-        _, conf_j = _merge_splits(
-            part_f_ptr,
-            part_i_ptr,
-            rows_j,
-            com_j,
-            n_splits,
-            n_part,
-            deferred_ptr,
-            n_deferred,
-            seed,
-            V,
-            SAMPLE,
-            RANDOM,
-        )
+        com_j, _, conf_j = _window_rows(
+            committable_ptr, part_f_ptr, part_i_ptr, deferred_ptr, b, offs_j, Lr,
+            n_splits, n_part, n_deferred, seed, V, SAMPLE, RANDOM,
+        )  # fmt: skip
         ahead = (conf_j[None, :] > conf_i[:, None]) | (
             (conf_j[None, :] == conf_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
         )
@@ -516,58 +518,47 @@ def unmask_step(
     part_f = torch.empty((4 if sample else 2, n_part), dtype=torch.float32, device=device)
     part_i = torch.empty((2 if sample else 1, n_part), dtype=torch.int32, device=device)
 
-    launch = {} if config is None else dict(config)
+    shared = dict(
+        banned_ptr=banned,
+        seed_ptr=seed,
+        part_f_ptr=part_f,
+        part_i_ptr=part_i,
+        Lr=Lr,
+        V=V,
+        n_banned=len(banned_token_ids),
+        split_len=split_len,
+        n_splits=n_splits,
+        n_part=n_part,
+        inv_temp=inv_temp,
+        SAMPLE=sample,
+        **({} if config is None else config),
+    )
     if fused:
         flat = committable_u8.reshape(-1)
         rows = torch.sort(flat, descending=True, stable=True).indices.to(torch.int32)  # masked first
-        count = flat.sum(dtype=torch.int32).reshape(1)
         fp32 = hidden.dtype == torch.float32
         kernel = _lm_head_partials_tuned[fp32] if config is None else _lm_head_partials_kernel
         kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_splits)](
-            hidden,
-            lm_head,
-            rows,
-            count,
-            banned,
-            seed,
-            part_f,
-            part_i,
-            Lr,
-            V,
-            D,
-            len(banned_token_ids),
-            split_len,
-            n_splits,
-            n_part,
-            hidden.stride(0),
-            hidden.stride(1),
-            lm_head.stride(0),
-            inv_temp,
-            SAMPLE=sample,
+            hidden_ptr=hidden,
+            weight_ptr=lm_head,
+            rows_ptr=rows,
+            n_rows_ptr=flat.sum(dtype=torch.int32).reshape(1),
+            D=D,
+            stride_hb=hidden.stride(0),
+            stride_hl=hidden.stride(1),
+            stride_wv=lm_head.stride(0),
             DOT_PRECISION="ieee" if fp32 else "tf32",
-            **launch,
+            **shared,
         )
     else:
         kernel = _logits_partials_tuned if config is None else _logits_partials_kernel
         kernel[(n_rows, n_splits)](
-            logits,
-            committable_u8,
-            banned,
-            seed,
-            part_f,
-            part_i,
-            Lr,
-            V,
-            len(banned_token_ids),
-            split_len,
-            n_splits,
-            n_part,
-            logits.stride(0),
-            logits.stride(1),
-            logits.stride(2),
-            inv_temp,
-            SAMPLE=sample,
-            **launch,
+            logits_ptr=logits,
+            committable_ptr=committable_u8,
+            stride_lb=logits.stride(0),
+            stride_ll=logits.stride(1),
+            stride_lv=logits.stride(2),
+            **shared,
         )
 
     tokens = torch.empty((B, Lr), dtype=torch.int64, device=device)
