@@ -28,8 +28,6 @@ import triton.language as tl
 from ..reference.unmask import UnmaskResult
 from .registry import CompileCase, compile_cases
 
-NEG_INF = float("-inf")
-
 # Logits path: a program streams one row's vocabulary split in BLOCK_V tiles.
 LOGITS_CONFIGS = [
     triton.Config({"BLOCK_V": 1024}, num_warps=4, num_stages=2),
@@ -109,8 +107,8 @@ def _fold_tile(
 def _store_partials(
     part_f_ptr, part_i_ptr, idx, mask, n_part, m, s, arg, gmax, garg, glogit, SAMPLE: tl.constexpr
 ):
-    """Partials layout: float32 ``[4, n_part]`` (max, sumexp, gumbel max, its logit) and int32
-    ``[2, n_part]`` (argmax, gumbel argmax); ``idx = row * n_splits + split``."""
+    """Partials layout: float32 ``[2 or 4, n_part]`` (max, sumexp[, gumbel max, its logit]) and int32
+    ``[1 or 2, n_part]`` (argmax[, gumbel argmax]); ``idx = row * n_splits + split``."""
     tl.store(part_f_ptr + idx, m, mask=mask)
     tl.store(part_f_ptr + n_part + idx, s, mask=mask)
     tl.store(part_i_ptr + idx, arg, mask=mask)
