@@ -142,6 +142,26 @@ def test_reference_backend_and_head_dim_outside_the_kernels():
     assert torch.equal(ex.generate(ids, mask, max_new_tokens=NEW).tokens, ref)
 
 
+def test_slots_past_each_row_are_never_read(llama):
+    """NaN in every cache slot before a call: prefill and decode overwrite exactly what they
+    attend (the _C kernels read a row's first cache_lens slots only)."""
+    if not _cuda.available():
+        pytest.skip(f"_C not importable: {_cuda.IMPORT_ERROR}")
+    _, ex = llama
+    ids, mask = prompts()
+    prefix = latents(3)
+    for kw in (dict(), dict(num_samples=3)):
+        rows = slice(None) if not kw else slice(0, 1)
+        ref = ex.generate(ids[rows], mask[rows], prefix[rows], max_new_tokens=NEW, **kw)
+        for state in ex._states.values():
+            for cache in (state.cache, state.prefix):
+                if cache is not None:
+                    cache.k.fill_(float("nan"))
+                    cache.v.fill_(float("nan"))
+        out = ex.generate(ids[rows], mask[rows], prefix[rows], max_new_tokens=NEW, **kw)
+        assert torch.equal(out.tokens, ref.tokens)
+
+
 def test_padded_row_equals_unpadded_and_prefix_only(llama):
     hf, ex = llama
     ids, mask = prompts()

@@ -20,8 +20,10 @@ class StaticKVCache:
 
     def __init__(self, num_layers, batch, max_len, num_kv_heads, head_dim, *, dtype, device):
         shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeros, not empty: slots past a row's length are never attended, but an op that masks
+        # them after the fact (0 * NaN) must not meet NaN bit patterns of fresh memory there.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @classmethod
     def for_model(cls, config, batch: int, max_len: int, *, dtype, device) -> StaticKVCache:
