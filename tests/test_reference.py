@@ -231,3 +231,14 @@ def test_unmask_random_remasking_uses_uniform_confidence():
     )
     assert res.committed.sum() == 2
     assert ((res.confidence >= 0) & (res.confidence < 1)).all()
+
+
+def test_padded_slots_holding_nan_do_not_leak():
+    q, k, v = torch.randn(1, 2, 2, 32), torch.randn(1, 6, 2, 32), torch.randn(1, 6, 2, 32)
+    pad = torch.tensor([[True, True, True, False, False, False]])
+    clean = reference.bidirectional_attention(q, k, v, key_padding_mask=pad)
+    k[:, 3:], v[:, 3:] = float("nan"), float("nan")
+    assert torch.equal(reference.bidirectional_attention(q, k, v, key_padding_mask=pad), clean)
+    lens = torch.tensor([3], dtype=torch.int32)
+    out = reference.decode_attention(q[:, 0], k, v, lens)
+    assert torch.isfinite(out).all()

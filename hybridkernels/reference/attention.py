@@ -46,6 +46,9 @@ def bidirectional_attention(
     visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
+        # Padded slots may hold anything (an uninitialised cache: NaN); 0 * NaN would leak.
+        kf = kf.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+        vf = vf.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
     if causal:
         qi = torch.arange(Lq, device=q.device)[:, None]
         kj = torch.arange(Lk, device=q.device)[None, :]
