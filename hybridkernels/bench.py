@@ -139,6 +139,19 @@ def _timed(device: torch.device, reps: int, fn: Callable, *args, **kwargs) -> tu
     return out, sorted(times)[len(times) // 2]
 
 
+def _agreement(ours: torch.Tensor, baseline: torch.Tensor, preset: Preset, where: str) -> str:
+    """In float32 the fast path must give the baseline's tokens exactly (else BenchFailure). In
+    bf16 the two round differently (fused fp32-accumulated LM head vs bf16 logits, split-KV vs
+    one-pass attention), random weights make near-ties common and one flipped tie changes the rest
+    of the sequence, so the fraction of equal tokens is reported instead; exactness is what the
+    fp32 tests establish."""
+    if preset.dtype == torch.float32:
+        if not torch.equal(ours, baseline):
+            raise BenchFailure(f"{where}: the fast path's tokens differ from the baseline's")
+        return "tokens equal"
+    return f"{100 * (ours == baseline).float().mean().item():.1f}% tokens equal (bf16)"
+
+
 def _weight_bytes(model: Transformer) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -160,6 +173,66 @@ def _floor_s(device: torch.device, weight_bytes: float, flops: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------- stages
+def stage_planner(preset: Preset, device: torch.device, reps: int, progress) -> list[Row]:
+    """The naive LLaDA loop (full forward and full-vocabulary softmax every step) against
+    DiffusionPlanner without a cache (must give the same tokens) and with the dual cache."""
+    from .models.planner import DiffusionPlanner
+    from .reference.llada import llada_generate
+
+    cfg = preset.planner
+    model = _model(cfg, preset, device, seed=0)
+    planner = DiffusionPlanner(model)
+    rows = []
+    for batch in preset.batches:
+        g = torch.Generator(device).manual_seed(batch)
+        prompt = torch.randint(3, cfg.mask_token_id, (batch, preset.prompt_len), generator=g, device=device)
+        for gen in preset.gen_lengths:
+            for k in preset.tokens_per_step:
+                progress(f"planner batch={batch} gen={gen} k={k}")
+                kw = dict(gen_length=gen, steps=gen // k, block_length=preset.block_length)
+                naive, naive_s = _timed(
+                    device, 1, llada_generate, model, prompt, mask_id=planner.mask_id, **kw
+                )
+                fast, fast_s = _timed(device, reps, planner.generate, prompt, **kw)
+                agreement = _agreement(
+                    fast.generated, naive[:, preset.prompt_len :], preset, f"planner {batch=} {gen=} {k=}"
+                )
+                dual, dual_s = _timed(device, reps, planner.generate, prompt, cache="dual", **kw)
+                agree = (dual.generated == fast.generated).float().mean().item()
+                tokens = batch * gen
+                L = preset.prompt_len + gen
+                w = _weight_bytes(model)
+                full_floor = _floor_s(device, w, _forward_flops(cfg, batch * L, L))
+                cached_floor = _floor_s(device, w, _forward_flops(cfg, batch * preset.block_length, L))
+                on_gpu = device.type == "cuda"
+                base = dict(
+                    stage="planner",
+                    baseline="naive LLaDA loop",
+                    baseline_value=tokens / naive_s,
+                    unit="tok/s",
+                    case=f"batch={batch} gen={gen} k={k} block={preset.block_length}",
+                )
+                rows.append(
+                    Row(
+                        **base,
+                        ours="planner, no cache",
+                        ours_value=tokens / fast_s,
+                        agreement=agreement,
+                        floor_fraction=full_floor * (gen // k) / fast_s if on_gpu else None,
+                        floor_note="steps x full-forward floor / time",
+                        params={"batch": batch, "gen_length": gen, "k": k, "variant": "no cache"},
+                    )
+                )
+                rows.append(Row(
+                    **base, ours="planner, dual cache", ours_value=tokens / dual_s,
+                    agreement=f"{100 * agree:.1f}% tokens = no cache",
+                    floor_fraction=cached_floor * (gen // k) / dual_s if on_gpu else None,
+                    floor_note="steps x block-forward floor / time (refreshes not in the floor)",
+                    params={"batch": batch, "gen_length": gen, "k": k, "variant": "dual cache"},
+                ))  # fmt: skip
+    return rows
+
+
 def stage_executor(preset: Preset, device: torch.device, reps: int, progress) -> list[Row]:
     """No-cache loop and HF ``generate`` (default dynamic cache) against ARExecutor, greedy."""
     from .models.executor import ARExecutor
@@ -177,8 +250,7 @@ def stage_executor(preset: Preset, device: torch.device, reps: int, progress) ->
         new = preset.answer_tokens
         ours_out, ours_s = _timed(device, reps, executor.generate, prompt, max_new_tokens=new)
         naive_out, naive_s = _timed(device, 1, ar_generate, model, prompt, max_new_tokens=new)
-        if not torch.equal(ours_out.tokens, naive_out.tokens):
-            raise BenchFailure(f"executor batch={batch}: ARExecutor and the no-cache loop disagree")
+        agreement = _agreement(ours_out.tokens, naive_out.tokens, preset, f"executor {batch=}")
         tokens = batch * new
         floor = _floor_s(device, _weight_bytes(model), _forward_flops(cfg, batch, preset.prompt_len + new))
         step_s = ours_out.stats.decode_s / max(1, ours_out.stats.decode_steps)
@@ -194,7 +266,7 @@ def stage_executor(preset: Preset, device: torch.device, reps: int, progress) ->
             params={"batch": batch, "gen_length": new},
         )
         rows.append(
-            Row(baseline="no-cache loop", baseline_value=tokens / naive_s, agreement="tokens equal", **common)
+            Row(baseline="no-cache loop", baseline_value=tokens / naive_s, agreement=agreement, **common)
         )
         if hf is not None:
             kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -228,7 +300,7 @@ def _hf_twin(model: Transformer):
     return hf.eval()
 
 
-STAGES: dict[str, Callable] = {"executor": stage_executor}
+STAGES: dict[str, Callable] = {"planner": stage_planner, "executor": stage_executor}
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -270,8 +342,8 @@ def format_markdown(rows: list[Row], meta: dict) -> str:
     for r in rows:
         floor = f"{100 * r.floor_fraction:.0f}%" if r.floor_fraction is not None else "-"
         lines.append(
-            f"| {r.stage} | {r.case} | {r.baseline} | {r.baseline_value:.1f} | {r.ours} | {r.ours_value:.1f} | "
-            f"{r.unit} | {r.speedup:.2f}x | {floor} |"
+            f"| {r.stage} | {r.case} | {r.baseline} | {r.baseline_value:.1f} | {r.ours} | "
+            f"{r.ours_value:.1f} | {r.unit} | {r.speedup:.2f}x | {floor} |"
         )
     return "\n".join(lines) + "\n"
 
