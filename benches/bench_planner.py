@@ -74,13 +74,8 @@ else:
 
 def _hf_model(config: dict, dtype: torch.dtype, std: float | None = None) -> LlamaForCausalLM:
     hf_config = LlamaConfig(**config, rms_norm_eps=1e-5, attn_implementation="sdpa")
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(DEVICE):
-            hf = LlamaForCausalLM(hf_config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device(DEVICE):
+        hf = LlamaForCausalLM._from_config(hf_config, dtype=dtype).eval()
     if std is not None:  # wide weights so that a tiny model's tokens vary
         g = torch.Generator(DEVICE).manual_seed(0)
         with torch.no_grad():
