@@ -1,0 +1,67 @@
+"""``hybridkernels bench`` (tiny preset, one small case per stage) and ``benches/compare.py``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridkernels import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_bench_rows_and_outputs(tmp_path, capsys):
+    rows = bench.run(
+        "tiny", device="cpu", batch=[2], gen_length=[16], reps=1,
+        json_path=str(tmp_path / "b.json"), markdown_path=str(tmp_path / "b.md"),
+    )  # fmt: skip
+    stages = {r.stage for r in rows}
+    assert stages == {"planner", "executor"}
+    for r in rows:
+        assert r.baseline_value > 0 and r.ours_value > 0 and r.speedup > 0
+    # fp32: the fast paths' tokens equal the naive loops' (else bench.run raised BenchFailure)
+    assert all(r.agreement == "tokens equal" for r in rows if "cache" not in r.ours or "no cache" in r.ours)
+    out = capsys.readouterr().out
+    assert "random" in out and "speedup" in out
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["preset"] == "tiny" and len(data["rows"]) == len(rows)
+    assert "| stage |" in (tmp_path / "b.md").read_text()
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit, match="--preset must be one of"):
+        bench.run("huge")
+    with pytest.raises(SystemExit, match="unknown"):
+        bench.run("tiny", device="cpu", stages=["nope"])
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        bench.run("llada-8b", device="cpu")
+
+
+def _bench_json(path, value):
+    row = {
+        "stage": "planner",
+        "case": "c",
+        "ours": "o",
+        "baseline": "b",
+        "ours_value": value,
+        "unit": "tok/s",
+    }
+    path.write_text(json.dumps({"rows": [row]}))
+
+
+def test_compare_flags_slowdowns(tmp_path):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    _bench_json(old, 100.0)
+    _bench_json(new, 95.0)
+    script = [sys.executable, str(ROOT / "benches" / "compare.py"), str(old), str(new)]
+    assert subprocess.run(script, capture_output=True).returncode == 0
+    _bench_json(new, 80.0)
+    proc = subprocess.run(script, capture_output=True, text=True)
+    assert proc.returncode == 1 and "SLOWER" in proc.stdout
+    pb = {"benchmarks": [{"fullname": "t", "stats": {"median": 2.0}}]}
+    old.write_text(json.dumps(pb))
+    pb["benchmarks"][0]["stats"]["median"] = 1.0
+    new.write_text(json.dumps(pb))
+    assert subprocess.run(script, capture_output=True).returncode == 0
