@@ -149,6 +149,261 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- generate / train-projector
+def _torch_setup(args):
+    """(device, dtype) from ``--device`` / ``--dtype`` (defaults: cuda + bf16 when available, else
+    cpu + fp32)."""
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _tiny_demo(questions, mode, device, dtype):
+    """Tiny random-weight planner, executor, projector and word-level tokenizers built from the
+    words of the questions and the prompt templates (nothing is downloaded or read)."""
+    import re
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .models import ARExecutor, LatentProjector, Transformer, TransformerConfig
+    from .models.planner import DiffusionPlanner
+    from .models.prompting import PromptTemplates
+
+    texts = list(questions) + [t.format(question="", plan="") for t in vars(PromptTemplates()).values()]
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)})
+    special = ["[PAD]", "[UNK]", "[EOS]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", mask_token="[MASK]"
+    )
+
+    def model(causal):
+        config = TransformerConfig(
+            vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+            num_kv_heads=1 if causal else 2, head_dim=32, causal=causal,
+            family="llama" if causal else "llada", mask_token_id=None if causal else vocab["[MASK]"],
+            eos_token_ids=(vocab["[EOS]"],), initializer_range=0.2,
+        )  # fmt: skip
+        torch.manual_seed(int(causal))
+        return Transformer(config, device=device).to(dtype).eval()
+
+    planner = DiffusionPlanner(model(causal=False))
+    executor = ARExecutor(model(causal=True))
+    projector = LatentProjector.for_models(planner, executor) if mode == "latent" else None
+    return planner, executor, projector, tokenizer, tokenizer
+
+
+def _load_pipeline_parts(args, device, dtype):
+    from .models import ARExecutor, LatentProjector
+    from .models.planner import DiffusionPlanner
+
+    need_planner = args.mode != "ar" or getattr(args, "command", None) == "train-projector"
+    if need_planner and args.planner is None:
+        raise ValueError(f"--mode {args.mode} needs --planner DIR (or neither --planner nor --executor)")
+    if args.executor is None:
+        raise ValueError("--executor DIR is required when --planner is given")
+    planner = (
+        DiffusionPlanner.from_pretrained(args.planner, dtype=dtype, device=device) if need_planner else None
+    )
+    executor = ARExecutor.from_pretrained(args.executor, dtype=dtype, device=device)
+    projector = None
+    if getattr(args, "projector", None):
+        projector = LatentProjector.from_pretrained(args.projector, device=device)
+    p_tok = (args.planner_tokenizer or args.planner) if need_planner else None
+    return planner, executor, projector, p_tok, args.executor_tokenizer or args.executor
+
+
+def _planner_kwargs(args) -> dict:
+    kw = {"gen_length": args.gen_length, "steps": args.planner_steps}
+    if args.block_length is not None:
+        kw["block_length"] = args.block_length
+    for name in ("cache", "threshold"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
+    return kw
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .pipeline import HybridPipeline
+
+    try:
+        device, dtype = _torch_setup(args)
+        if args.planner is None and args.executor is None:
+            print(
+                "hybridkernels generate: no --planner/--executor given: using tiny random-weight models and "
+                "word-level tokenizers built from the question (the answers are noise; this shows the "
+                "pipeline running end to end)",
+                file=sys.stderr,
+            )
+            parts = _tiny_demo(args.question, args.mode, device, dtype)
+        else:
+            parts = _load_pipeline_parts(args, device, dtype)
+        planner, executor, projector, p_tok, e_tok = parts
+        executor_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        if args.seed is not None:
+            executor_kwargs["seed"] = args.seed
+        pipe = HybridPipeline(
+            planner,
+            executor,
+            projector,
+            mode=args.mode,
+            planner_tokenizer=p_tok,
+            executor_tokenizer=e_tok,
+            planner_kwargs=_planner_kwargs(args),
+            executor_kwargs=executor_kwargs,
+            naive=args.naive,
+        )
+        out = pipe(args.question)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"hybridkernels generate: error: {exc}", file=sys.stderr)
+        return 2
+    stats = dataclasses.asdict(out.stats) | {
+        "tokens_per_s": out.stats.tokens_per_s,
+        "seconds_per_question": out.stats.seconds_per_question,
+    }
+    if args.json:
+        print(json.dumps({"answers": out.answers, "plans": out.plans, "stats": stats}, indent=2))
+        return 0
+    for i, (q, plan, answer) in enumerate(zip(args.question, out.plans, out.answers, strict=True)):
+        print(f"[{i}] question: {q}")
+        print(f"    plan: {plan} latent vectors" if args.mode == "latent" else f"    plan: {plan}")
+        print(f"    answer: {answer}")
+    s = out.stats
+    prefill = "-" if s.executor_prefill_s is None else f"{s.executor_prefill_s:.3f}s"
+    decode = "-" if s.executor_decode_s is None else f"{s.executor_decode_s:.3f}s"
+    print(
+        f"mode {s.mode}{' (naive loops)' if s.naive else ''}: plan {s.plan_tokens} tokens in {s.plan_steps} "
+        f"steps, {s.plan_s:.3f}s; projector {s.projector_s:.3f}s; executor {s.executor_s:.3f}s (prefill "
+        f"{prefill}, decode {decode}), {s.answer_tokens} answer tokens; total {s.total_s:.3f}s, "
+        f"{s.tokens_per_s:.1f} tokens/s"
+    )
+    return 0
+
+
+def cmd_train_projector(args: argparse.Namespace) -> int:
+    from .models import LatentProjector
+    from .models.training import read_examples, train_projector
+
+    try:
+        examples = read_examples(args.data)  # malformed input fails before any model loads
+        device, dtype = _torch_setup(args)
+        planner, executor, projector, p_tok, e_tok = _load_pipeline_parts(args, device, dtype)
+        if projector is None:
+            import torch
+
+            torch.manual_seed(args.seed)
+            projector = LatentProjector.for_models(
+                planner,
+                executor,
+                hidden_dim=args.hidden_dim,
+                num_layers=args.num_layers,
+                pool=args.pool,
+                pool_stride=args.pool_stride,
+            )
+        result = train_projector(
+            planner,
+            executor,
+            examples,
+            projector=projector,
+            planner_tokenizer=p_tok,
+            executor_tokenizer=e_tok,
+            planner_kwargs=_planner_kwargs(args),
+            steps=args.steps,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+            warmup_steps=args.warmup_steps,
+            schedule=args.schedule,
+            seed=args.seed,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+        result.projector.save_pretrained(args.output)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"hybridkernels train-projector: error: {exc}", file=sys.stderr)
+        return 2
+    losses = result.losses
+    head = sum(losses[:10]) / max(1, len(losses[:10]))
+    tail = sum(losses[-10:]) / max(1, len(losses[-10:]))
+    print(
+        f"trained {result.step} steps on {len(examples)} examples: loss {head:.4f} (first 10 steps) -> "
+        f"{tail:.4f} (last 10); projector saved to {args.output}"
+    )
+    return 0
+
+
+def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--planner", required=required, help="planner checkpoint directory (LLaDA-style)")
+    p.add_argument("--executor", required=required, help="executor checkpoint directory (Llama/Qwen)")
+    p.add_argument("--planner-tokenizer", help="planner tokenizer directory (default: --planner)")
+    p.add_argument("--executor-tokenizer", help="executor tokenizer directory (default: --executor)")
+    p.add_argument("--gen-length", type=int, default=64, help="planning tokens (default 64)")
+    p.add_argument("--planner-steps", type=int, default=64, help="planner denoising steps (default 64)")
+    p.add_argument("--block-length", type=int, help="planner block length (default: --gen-length)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
+
+
+def _add_pipeline_parsers(sub) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="answer questions with the planner -> executor pipeline (latent, text or ar mode)",
+        description="Without --planner/--executor, tiny random-weight models are built (noise answers).",
+    )
+    gen.add_argument("question", nargs="+", help="one or more questions (one batch)")
+    gen.add_argument("--mode", choices=("latent", "text", "ar"), default="latent")
+    _add_model_arguments(gen, required=False)
+    gen.add_argument("--projector", help="LatentProjector directory (latent mode)")
+    gen.add_argument("--cache", choices=("prefix", "dual"), help="planner K/V cache")
+    gen.add_argument("--threshold", type=float, help="planner confidence threshold (Fast-dLLM)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="executor sampling temperature")
+    gen.add_argument("--seed", type=int, help="executor sampling seed")
+    gen.add_argument("--naive", action="store_true", help="run the naive reference loops (baseline)")
+    gen.add_argument("--json", action="store_true", help="print answers, plans and stats as JSON")
+    gen.set_defaults(func=cmd_generate)
+
+    tp = sub.add_parser(
+        "train-projector",
+        help="train a LatentProjector on a JSONL file of {'question', 'answer'} (models frozen)",
+    )
+    tp.add_argument("--data", required=True, help="JSONL file, one {'question': str, 'answer': str} a line")
+    tp.add_argument("--output", required=True, help="directory for the trained projector")
+    _add_model_arguments(tp, required=True)
+    tp.add_argument("--projector", help="start from this projector directory instead of a fresh one")
+    tp.add_argument("--hidden-dim", type=int, help="projector MLP width (default: the larger model width)")
+    tp.add_argument("--num-layers", type=int, default=2, help="projector linear layers (default 2)")
+    tp.add_argument("--pool", choices=("none", "mean", "stride"), default="none")
+    tp.add_argument("--pool-stride", type=int, default=1)
+    tp.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes)")
+    tp.add_argument("--epochs", type=int, default=1)
+    tp.add_argument("--batch-size", type=int, default=16)
+    tp.add_argument("--lr", type=float, default=1e-3)
+    tp.add_argument("--weight-decay", type=float, default=0.0)
+    tp.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
+    tp.add_argument("--warmup-steps", type=int, default=0)
+    tp.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--checkpoint-dir", help="periodic checkpoints and the planner-latents cache")
+    tp.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    tp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    tp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tp.set_defaults(func=cmd_train_projector, mode="latent")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybridkernels",
@@ -184,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", help="write a markdown table to this file")
     bench.add_argument("--plot", help="write tokens/s plots to this PNG (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)
+
+    _add_pipeline_parsers(sub)  # generate, train-projector
     return parser
 
 

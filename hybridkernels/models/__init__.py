@@ -5,6 +5,9 @@ from .diffusion_cache import DiffusionKVCache
 from .executor import ARExecutor, GenerationOutput, GenerationStats, PlanAnswerOutput
 from .loading import load_hf_model, load_pretrained, save_pretrained
 from .planner import DiffusionPlanner, PlannerBlock, PlannerOutput, PlannerStats
+from .projector import LatentProjector, ProjectorConfig
+from .prompting import PromptTemplates
+from .training import TrainResult, read_examples, train_projector
 from .transformer import KVCacheHook, Transformer, TransformerOutput
 
 __all__ = [
@@ -24,4 +27,10 @@ __all__ = [
     "load_hf_model",
     "load_pretrained",
     "save_pretrained",
+    "LatentProjector",
+    "ProjectorConfig",
+    "PromptTemplates",
+    "TrainResult",
+    "read_examples",
+    "train_projector",
 ]
