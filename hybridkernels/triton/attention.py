@@ -17,14 +17,19 @@ tile is loaded once per group. The key padding mask (bool ``[B, Lk]``) is read p
 tiles that cross the diagonal or the end of the keys pay for masking. A row that sees no key
 gets output 0 and log-sum-exp ``-inf`` (never NaN).
 
+Precision: fp16/bf16 dots with fp32 accumulation; fp32 inputs use 3xTF32 dots (about fp32
+accuracy on tensor cores).
+
 Autotuning: one autotuner per (regime, head dim, 16-bit/32-bit dtype), keyed on bucketed row and
 key counts, causal and mask flags (the dtype is part of every key), so tuning runs once per shape
-class. Under the CPU interpreter a single small fixed configuration runs instead.
+class, on the first call of that class: call once before capturing a CUDA graph. Under the CPU
+interpreter a single small fixed configuration runs instead.
 
-Hopper: on sm_90 the 16-bit ``tl.dot`` s lower to ``wgmma`` and the loads are pipelined with
-``cp.async``. TMA descriptors and warp specialisation are not used: the packed GQA rows and the
-``[B, L, H, D]`` strides need pointer gathers, and the descriptor/warp-specialise APIs differ
-between the Triton versions supported (3.6 on the GPU machine, 3.8 here).
+Hopper: on sm_90 the 16-bit ``tl.dot`` s (BLOCK_M >= 64) lower to ``wgmma`` and the K/V loads are
+software-pipelined with ``cp.async``. TMA descriptors and warp specialisation are not used: the
+packed GQA rows are a gather over ``[B, L, H, D]`` strides (not one rectangular box when ``G``
+does not divide ``BLOCK_M``), and the descriptor and warp-specialisation APIs changed between the
+Triton versions supported (3.6 and 3.8), so a TMA path would need its own tests on a GPU.
 """
 
 from __future__ import annotations
@@ -462,7 +467,8 @@ def _attn_signature(dtype: torch.dtype, out_dtype: str) -> dict[str, str]:
 @compile_cases
 def _compile_cases():
     """Every autotune config x dtype x head dim of the attention kernel (causal + key mask: the
-    superset of the masking code), in both output modes, and the split merge."""
+    superset of the masking code; output in the input dtype; split partials differ only in
+    storing fp32), and the split merge per output dtype and head dim."""
     for dtype, name in _TRITON_DTYPES.items():
         hopper = ("wgmma",) if dtype != torch.float32 else ()
         for head_dim in HEAD_DIMS:
