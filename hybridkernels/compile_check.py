@@ -82,7 +82,7 @@ def _compile(args: tuple[int, int]) -> TritonResult:
     )
     try:
         source = triton.compiler.ASTSource(
-            fn=case.kernel, signature=case.signature, constexprs=case.constexprs
+            fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=_aligned_attrs(case)
         )
         compiled = triton.compile(
             source,
