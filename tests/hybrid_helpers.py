@@ -39,7 +39,8 @@ def word_tokenizer(words, directory):
 
 
 def tiny_model(tok, *, causal: bool, seed: int, std: float = 0.02, d: int = 64) -> Transformer:
-    """A 2-layer random Transformer sized for ``tok`` (head_dim 32; GQA on the executor)."""
+    """A 2-layer random Transformer sized for ``tok``: the executor with GQA and head_dim 64 (a head
+    dim of the compiled decode kernels), the planner with 2 heads of 32."""
     config = TransformerConfig(
         vocab_size=len(tok),
         hidden_size=d,
@@ -47,7 +48,7 @@ def tiny_model(tok, *, causal: bool, seed: int, std: float = 0.02, d: int = 64) 
         num_layers=2,
         num_heads=2,
         num_kv_heads=1 if causal else 2,
-        head_dim=32,
+        head_dim=64 if causal else 32,
         causal=causal,
         family="llama" if causal else "llada",
         mask_token_id=None if causal else tok.mask_token_id,
