@@ -42,6 +42,7 @@ from _common import DEVICE, ON_GPU
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from hybridkernels.bench import PRESETS
 from hybridkernels.benchmarking import copy_bandwidth_gbs, environment, matmul_peak_tflops, synchronize
 from hybridkernels.models import ARExecutor, DiffusionPlanner, LatentProjector, Transformer, TransformerConfig
 from hybridkernels.pipeline import HybridPipeline
@@ -49,22 +50,6 @@ from hybridkernels.pipeline import HybridPipeline
 TEMPLATE_WORDS = ["Question", ":", "Answer", "Plan"]
 SPECIAL = {"pad": "[PAD]", "unk": "[UNK]", "eos": "[EOS]", "mask": "[MASK]"}
 MODES = ("ar", "text", "latent")
-
-
-def _llada_8b() -> TransformerConfig:
-    return TransformerConfig(
-        vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
-        num_kv_heads=32, head_dim=128, rope_theta=500000.0, causal=False, family="llada",
-        mask_token_id=126336, eos_token_ids=(126081,), eot_token_id=126348,
-    )  # fmt: skip
-
-
-def _llama_8b() -> TransformerConfig:
-    return TransformerConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-        num_kv_heads=8, head_dim=128, rope_theta=500000.0, causal=True, family="llama",
-        eos_token_ids=(128001,),
-    )  # fmt: skip
 
 
 def _tiny(causal: bool) -> TransformerConfig:
@@ -78,7 +63,7 @@ def _tiny(causal: bool) -> TransformerConfig:
 
 
 if ON_GPU:
-    PLANNER, EXECUTOR, DTYPE = _llada_8b(), _llama_8b(), torch.bfloat16
+    PLANNER, EXECUTOR, DTYPE = PRESETS["paper"].planner, PRESETS["paper"].executor, torch.bfloat16
     CASES = [(64, 8, 1), (64, 8, 16), (256, 256, 1)]  # (plan tokens, answer tokens, batch)
     QUESTION_WORDS, BLOCK, REPS = 48, 32, 3
 else:

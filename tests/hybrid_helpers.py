@@ -10,6 +10,8 @@ answer reaches the executor only through the planner's hidden states.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -23,6 +25,17 @@ SYMBOLS = [f"s{i}" for i in range(6)]
 COLORS = ["red", "blue", "green", "gold", "pink", "gray"]
 DISTRACTORS = [f"w{i}" for i in range(16)]
 PLANNER_KWARGS = {"gen_length": 4, "steps": 4}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny matmuls run far faster on one CPU thread than on several contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def word_tokenizer(words, directory):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hybrid_helpers import COLORS, TEMPLATE_WORDS, ColorTask, tiny_model, word_tokenizer
+from hybrid_helpers import COLORS, TEMPLATE_WORDS, ColorTask, one_torch_thread, tiny_model, word_tokenizer
 
 from hybridkernels import cli
 from hybridkernels.models import (
@@ -27,10 +27,8 @@ EK = {"max_new_tokens": 5}
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hybrid_helpers import PLANNER_KWARGS, ColorTask
+from hybrid_helpers import PLANNER_KWARGS, ColorTask, one_torch_thread
 
 from hybridkernels.models import training
 from hybridkernels.models.projector import LatentProjector, ProjectorConfig, pool_positions
@@ -15,14 +15,13 @@ from hybridkernels.pipeline import HybridPipeline
 
 STEPS = 250
 BATCH = 43  # 86 training examples: two steps an epoch
+TRAIN_KW = dict(planner_kwargs=PLANNER_KWARGS, batch_size=BATCH, lr=3e-3, progress=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,10 @@ def trained(task, tmp_path_factory):
         task.executor,
         task.train,
         projector=projector,
-        planner_kwargs=PLANNER_KWARGS,
         steps=STEPS,
-        batch_size=BATCH,
-        lr=3e-3,
         checkpoint_dir=ckpt,
         checkpoint_every=100,
-        progress=False,
+        **TRAIN_KW,
         **task.tokenizers(),
     )
     return result, initial, ckpt
@@ -208,7 +204,7 @@ def test_checkpoints_resume_and_reload_are_exact(task, trained, tmp_path, monkey
         raise AssertionError("the cached planner latents should have been used")
 
     monkeypatch.setattr(training, "plan_latents", no_recompute)
-    kw = dict(planner_kwargs=PLANNER_KWARGS, batch_size=BATCH, lr=3e-3, progress=False, **task.tokenizers())
+    kw = TRAIN_KW | task.tokenizers()
     torch.manual_seed(0)
     projector = LatentProjector.for_models(task.planner, task.executor)  # overwritten by the checkpoint
     resumed = train_projector(
