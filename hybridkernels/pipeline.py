@@ -43,12 +43,12 @@ from .models.prompting import (
     load_tokenizer,
     safe_pad_id,
 )
+from .models.training import DEFAULT_PLANNER_KWARGS
 from .reference.ar_loop import ar_generate
 from .reference.llada import llada_generate
 
 MODES = ("latent", "text", "ar")
 WHERE = "HybridPipeline"
-DEFAULT_PLANNER_KWARGS = {"gen_length": 64, "steps": 64}
 DEFAULT_EXECUTOR_KWARGS = {"max_new_tokens": 64}
 # Options of DiffusionPlanner.generate the naive LLaDA loop also takes.
 NAIVE_PLANNER_KWARGS = (

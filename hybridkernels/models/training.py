@@ -41,6 +41,9 @@ LATENTS_FILE = "plan_latents.safetensors"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULES = ("constant", "cosine")
+# Planner options when none are given; HybridPipeline uses the same, so that a projector trained
+# with the defaults sees the plans it was trained on.
+DEFAULT_PLANNER_KWARGS = {"gen_length": 64, "steps": 64}
 
 
 # --------------------------------------------------------------------------- examples
@@ -297,7 +300,8 @@ def train_projector(
         examples: ``{"question", "answer"}`` dicts (see :func:`read_examples`) or pairs.
         planner_tokenizer, executor_tokenizer: tokenizers or local directories.
         templates: the prompts (the pipeline's latent mode must use the same ones).
-        planner_kwargs: ``planner.generate`` options (``gen_length``, ``steps``, ...).
+        planner_kwargs: ``planner.generate`` options (``gen_length``, ``steps``, ...; default
+            ``DEFAULT_PLANNER_KWARGS``, as in the pipeline).
         steps: optimizer steps (default ``epochs`` passes over the examples).
         lr, weight_decay, betas: AdamW; ``max_grad_norm``: clipping (None: off);
             ``warmup_steps`` linear warmup, then ``schedule`` ``"constant"`` or ``"cosine"``.
@@ -315,7 +319,7 @@ def train_projector(
     if p_tok is None or e_tok is None:
         raise ValueError(f"{WHERE}: planner_tokenizer and executor_tokenizer are required")
     templates = templates or PromptTemplates()
-    planner_kwargs = dict(planner_kwargs or {})
+    planner_kwargs = DEFAULT_PLANNER_KWARGS | dict(planner_kwargs or {})
     planner_kwargs.pop("return_hidden", None)
     e_model = model_of(executor)
     for name, value, low in (
