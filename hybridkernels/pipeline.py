@@ -317,6 +317,8 @@ class HybridPipeline:
         tail = encode(tok, self.templates.ar_answer, special=False)
         rows = [ids[b][mask[b]].tolist() + plan_ids[b] + tail for b in range(len(questions))]
         a_ids, a_mask = left_pad(rows, pad_id=safe_pad_id(tok, None), device=e_model.device)
+        if ek.get("seed") is not None:  # as ARExecutor.plan_then_answer: the answer draws with seed + 1
+            ek = ek | {"seed": ek["seed"] + 1}
         answer = self._generate(a_ids, a_mask, None, ek)
         stats = dict(
             plan_s=plan_s,

@@ -129,6 +129,19 @@ def test_ar_mode_equals_plan_then_answer(parts):
     assert out.plans == [e_tok.decode(p, skip_special_tokens=True).strip() for p in out.plan_ids]
     assert out.stats.plan_tokens == int(want.plan.lengths.sum())
 
+    sampling = {"temperature": 1.0, "top_k": 20, "seed": 5}
+    out = pipeline(parts, "ar")(QUESTIONS, executor_kwargs={"plan_max_new_tokens": 4} | sampling)
+    want = executor.plan_then_answer(
+        ids,
+        mask,
+        plan_max_new_tokens=4,
+        max_new_tokens=5,
+        answer_prefix_ids=e_tok("\nAnswer:", add_special_tokens=False)["input_ids"],
+        eos_token_id=e_tok.eos_token_id,
+        **sampling,
+    )
+    assert out.answer_ids == strip(want.answer.tokens, want.answer.lengths, e_tok.eos_token_id)
+
 
 @pytest.mark.parametrize("mode", ["latent", "text", "ar"])
 def test_naive_loops_give_the_same_answers(parts, mode):
