@@ -39,16 +39,13 @@ import time
 import pytest
 import torch
 from _common import DEVICE, ON_GPU
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from hybridkernels.bench import PRESETS
 from hybridkernels.benchmarking import copy_bandwidth_gbs, environment, matmul_peak_tflops, synchronize
 from hybridkernels.models import ARExecutor, DiffusionPlanner, LatentProjector, Transformer, TransformerConfig
+from hybridkernels.models.prompting import vocabulary_tokenizer
 from hybridkernels.pipeline import HybridPipeline
 
-TEMPLATE_WORDS = ["Question", ":", "Answer", "Plan"]
-SPECIAL = {"pad": "[PAD]", "unk": "[UNK]", "eos": "[EOS]", "mask": "[MASK]"}
 MODES = ("ar", "text", "latent")
 
 
@@ -70,21 +67,6 @@ else:
     PLANNER, EXECUTOR, DTYPE = _tiny(causal=False), _tiny(causal=True), torch.float32
     CASES = [(8, 4, 2)]
     QUESTION_WORDS, BLOCK, REPS = 6, 4, 1
-
-
-def _tokenizer(config: TransformerConfig) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the model's whole vocabulary: id ``i`` is the word ``t<i>``, except
-    the template words (ids 4..7) and the special tokens (pad 0, unk 1, the config's EOS / mask)."""
-    names = [f"t{i}" for i in range(config.vocab_size)]
-    names[0], names[1] = SPECIAL["pad"], SPECIAL["unk"]
-    names[4 : 4 + len(TEMPLATE_WORDS)] = TEMPLATE_WORDS
-    names[config.eos_token_ids[0]] = SPECIAL["eos"]
-    if config.mask_token_id is not None:
-        names[config.mask_token_id] = SPECIAL["mask"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token=SPECIAL["unk"]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    kw = {f"{k}_token": v for k, v in SPECIAL.items() if k != "mask" or config.mask_token_id is not None}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
 
 
 def _model(config: TransformerConfig, seed: int, dtype: torch.dtype = DTYPE) -> Transformer:
@@ -127,7 +109,7 @@ def parts():
     executor = ARExecutor(_model(EXECUTOR, seed=2))
     torch.manual_seed(3)
     projector = LatentProjector.for_models(planner, executor)
-    return planner, executor, projector, _tokenizer(PLANNER), _tokenizer(EXECUTOR)
+    return planner, executor, projector, vocabulary_tokenizer(PLANNER), vocabulary_tokenizer(EXECUTOR)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +121,7 @@ def tiny_exact():
     executor = ARExecutor(_model(executor_cfg, seed=2, dtype=torch.float32))
     torch.manual_seed(0)
     parts = (planner, executor, LatentProjector.for_models(planner, executor))
-    parts += (_tokenizer(planner_cfg), _tokenizer(executor_cfg))
+    parts += (vocabulary_tokenizer(planner_cfg), vocabulary_tokenizer(executor_cfg))
     questions = _questions(3, 6, planner_cfg.vocab_size)
     for mode in MODES:
         naive, fast = _pipelines(parts, mode, plan=8, answer=5)

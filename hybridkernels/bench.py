@@ -279,6 +279,64 @@ def stage_executor(preset: Preset, device: torch.device, reps: int, progress) ->
     return rows
 
 
+def stage_pipeline(preset: Preset, device: torch.device, reps: int, progress) -> list[Row]:
+    """HybridPipeline in ``ar``, ``text`` and ``latent`` modes: the naive loops (``naive=True``:
+    LLaDA's sampler and the no-cache AR loop) against the fast paths, same models and questions.
+    Tokens are plan + answer tokens; the projector is random (its speed does not depend on it)."""
+    from .models.executor import ARExecutor
+    from .models.planner import DiffusionPlanner
+    from .models.projector import LatentProjector
+    from .models.prompting import vocabulary_tokenizer
+    from .pipeline import HybridPipeline
+
+    planner = DiffusionPlanner(_model(preset.planner, preset, device, seed=0))
+    executor = ARExecutor(_model(preset.executor, preset, device, seed=1))
+    torch.manual_seed(2)
+    projector = LatentProjector.for_models(planner, executor).to(device)
+    tokenizers = dict(
+        planner_tokenizer=vocabulary_tokenizer(preset.planner),
+        executor_tokenizer=vocabulary_tokenizer(preset.executor),
+    )
+    g = torch.Generator().manual_seed(0)
+    top = min(preset.planner.vocab_size, preset.executor.vocab_size) - 8
+    rows = []
+    for batch in preset.batches:
+        words = [torch.randint(8, top, (preset.prompt_len,), generator=g).tolist() for _ in range(batch)]
+        questions = [" ".join(f"t{t}" for t in ids) for ids in words]
+        for plan in preset.gen_lengths:
+            block = min(preset.block_length, plan)
+            kw = dict(
+                planner_kwargs={"gen_length": plan, "steps": plan, "block_length": block},
+                executor_kwargs={"max_new_tokens": preset.answer_tokens, "eos_token_id": None,
+                                 "plan_max_new_tokens": plan},
+                **tokenizers,
+            )  # fmt: skip
+            for mode in ("ar", "text", "latent"):
+                progress(f"pipeline {mode} batch={batch} plan={plan}")
+                naive = HybridPipeline(planner, executor, projector, mode=mode, naive=True, **kw)
+                fast = HybridPipeline(planner, executor, projector, mode=mode, **kw)
+                want, naive_s = _timed(device, 1, naive, questions)
+                got, fast_s = _timed(device, reps, fast, questions)
+                tokens = got.stats.plan_tokens + got.stats.answer_tokens
+                agreement = _agreement(
+                    torch.tensor(got.answer_ids), torch.tensor(want.answer_ids), preset, f"pipeline {mode}"
+                )
+                rows.append(
+                    Row(
+                        stage="pipeline",
+                        case=f"{mode} batch={batch} plan={plan} answer={preset.answer_tokens}",
+                        baseline="naive loops",
+                        baseline_value=tokens / naive_s,
+                        ours=f"{mode}, fast paths",
+                        ours_value=tokens / fast_s,
+                        unit="tok/s",
+                        agreement=f"answers: {agreement}",
+                        params={"batch": batch, "gen_length": plan, "variant": mode},
+                    )
+                )
+    return rows
+
+
 def _hf_twin(model: Transformer):
     """An HF ``LlamaForCausalLM`` sharing ``model``'s weights, or None when that is not possible."""
     try:
@@ -300,7 +358,11 @@ def _hf_twin(model: Transformer):
     return hf.eval()
 
 
-STAGES: dict[str, Callable] = {"planner": stage_planner, "executor": stage_executor}
+STAGES: dict[str, Callable] = {
+    "planner": stage_planner,
+    "executor": stage_executor,
+    "pipeline": stage_pipeline,
+}
 
 
 # ---------------------------------------------------------------------------------------- output

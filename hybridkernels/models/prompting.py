@@ -118,3 +118,26 @@ def check_questions(where: str, questions) -> list[str]:
         if not isinstance(q, str):
             raise TypeError(f"{where}: questions[{i}] must be a str, got {type(q).__name__}")
     return list(questions)
+
+
+def vocabulary_tokenizer(config, template_words=("Question", ":", "Answer", "Plan")):
+    """A word-level tokenizer over a model's whole vocabulary, for random-weight benchmarks.
+
+    Id ``i`` is the word ``t<i>``, except pad (0), unk (1), the template words (ids 4, 5, ...),
+    the config's first EOS id and its mask id. A decoded plan re-encodes to as many tokens as it
+    had, so text mode costs what it would with a real tokenizer.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {"pad": "[PAD]", "unk": "[UNK]", "eos": "[EOS]"}
+    names = [f"t{i}" for i in range(config.vocab_size)]
+    names[0], names[1] = special["pad"], special["unk"]
+    names[4 : 4 + len(template_words)] = list(template_words)
+    names[config.eos_token_ids[0]] = special["eos"]
+    if config.mask_token_id is not None:
+        special["mask"] = "[MASK]"
+        names[config.mask_token_id] = special["mask"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token=special["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **{f"{k}_token": v for k, v in special.items()})
