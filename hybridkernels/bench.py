@@ -63,17 +63,17 @@ def _llama_8b() -> TransformerConfig:
 
 def _tiny(causal: bool) -> TransformerConfig:
     return TransformerConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=32, causal=causal, family="llama" if causal else "llada",
-        mask_token_id=None if causal else 511, eos_token_ids=(1,), eot_token_id=None if causal else 2,
+        vocab_size=8192, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=64, causal=causal, family="llama" if causal else "llada",
+        mask_token_id=None if causal else 8191, eos_token_ids=(1,), eot_token_id=None if causal else 2,
     )  # fmt: skip
 
 
 PRESETS = {
     "tiny": Preset(
-        "tiny", "2-layer width-64 planner and executor (CPU default; runs in seconds)",
-        _tiny(False), _tiny(True), torch.float32, prompt_len=16, gen_lengths=(32,), batches=(1, 4),
-        block_length=8, tokens_per_step=(1, 2), answer_tokens=16, init_std=0.3,
+        "tiny", "4-layer width-256 planner and executor, vocabulary 8192 (CPU default; about a minute)",
+        _tiny(False), _tiny(True), torch.float32, prompt_len=64, gen_lengths=(64,), batches=(1, 4),
+        block_length=16, tokens_per_step=(1, 2), answer_tokens=16, init_std=0.1,
     ),
     "llada-8b": Preset(
         "llada-8b", "LLaDA-8B-shaped planner, bf16", _llada_8b(), None, torch.bfloat16,
