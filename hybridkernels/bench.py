@@ -411,7 +411,8 @@ def format_markdown(rows: list[Row], meta: dict) -> str:
 
 
 def write_plot(rows: list[Row], path: str) -> None:
-    """Tokens/s against batch size and against generation length, naive vs ours, per stage."""
+    """Tokens/s against batch size and against generation length (where the run has more than one
+    of them), baseline vs ours, one line per variant, per stage."""
     try:
         import matplotlib
 
@@ -419,30 +420,35 @@ def write_plot(rows: list[Row], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install 'hybridkernels[plot]'") from exc
-    stages = sorted({r.stage for r in rows if r.unit == "tok/s"})
-    fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.6 * len(stages)), squeeze=False)
-    for ax_row, stage in zip(axes, stages, strict=True):
-        for ax, key in zip(ax_row, ("batch", "gen_length"), strict=True):
-            series: dict[str, dict[float, float]] = {}
-            for r in rows:
-                if r.stage != stage or r.unit != "tok/s" or key not in r.params:
-                    continue
-                series.setdefault(r.baseline, {})[r.params[key]] = r.baseline_value
-                series.setdefault(r.ours + _variant(r), {})[r.params[key]] = r.ours_value
-            for label, pts in series.items():
-                xs = sorted(pts)
-                ax.plot(xs, [pts[x] for x in xs], marker="o", label=label)
-            ax.set_xlabel(key.replace("_", " "))
-            ax.set_ylabel("tokens/s")
-            ax.set_title(f"{stage}: tokens/s vs {key.replace('_', ' ')}")
-            ax.set_xscale("log", base=2)
-            ax.legend(fontsize=7)
+    rows = [r for r in rows if r.unit == "tok/s"]
+    panels = []
+    for stage in dict.fromkeys(r.stage for r in rows):
+        for key in ("batch", "gen_length"):
+            values = {r.params.get(key) for r in rows if r.stage == stage} - {None}
+            if len(values) > 1:
+                panels.append((stage, key))
+    if not panels:
+        raise SystemExit("--plot: every stage ran one batch size and one generation length: nothing to plot")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.4 * len(panels)), squeeze=False)
+    for ax, (stage, key) in zip(axes[:, 0], panels, strict=True):
+        series: dict[str, dict[float, float]] = {}
+        for r in rows:
+            if r.stage != stage:
+                continue
+            k = f", k={r.params['k']}" if "k" in r.params else ""
+            mode = f" ({r.params['variant']})" if stage == "pipeline" else ""
+            series.setdefault(f"{r.baseline}{mode}{k}", {})[r.params[key]] = r.baseline_value
+            series.setdefault(f"{r.ours}{k}", {})[r.params[key]] = r.ours_value
+        for label, points in series.items():
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(key.replace("_", " "))
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{stage}: tokens/s vs {key.replace('_', ' ')}")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _variant(r: Row) -> str:
-    return f" ({r.params['variant']})" if "variant" in r.params else ""
 
 
 # ---------------------------------------------------------------------------------------- driver

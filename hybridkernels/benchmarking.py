@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import platform
 import statistics
 import subprocess
@@ -23,7 +24,9 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, reps: int = 10) -> float:
+def time_ms(
+    fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, reps: int = 10
+) -> float:
     """Median wall time of ``fn()`` in milliseconds: CUDA events on a GPU, perf_counter on the CPU."""
     device = torch.device(device)
     for _ in range(warmup):
@@ -95,8 +98,21 @@ def environment(device: torch.device | str = "cuda") -> dict:
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
     else:
-        info.update(device=platform.processor() or "cpu")
+        info.update(
+            device=f"CPU: {_cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        )
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def roofline(device: torch.device | str, *, flops: float = 0.0, nbytes: float = 0.0, ms: float) -> dict:
