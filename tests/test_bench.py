@@ -66,3 +66,9 @@ def test_compare_flags_slowdowns(tmp_path):
     pb["benchmarks"][0]["stats"]["median"] = 1.0
     new.write_text(json.dumps(pb))
     assert subprocess.run(script, capture_output=True).returncode == 0
+
+
+def test_readme_performance_section_matches_committed_results():
+    script = [sys.executable, str(ROOT / "benches" / "render_readme.py"), "--check"]
+    proc = subprocess.run(script, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
