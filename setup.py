@@ -88,22 +88,36 @@ def _parse_ptxas(log: str) -> list[dict]:
     entries, current = [], None
     for line in log.splitlines():
         if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line):
-            current = {"kernel": m.group(1), "arch": m.group(2), "registers": None, "spill_stores": 0,
-                       "spill_loads": 0, "stack_bytes": 0, "shared_bytes": 0}
+            current = {
+                "kernel": m.group(1),
+                "arch": m.group(2),
+                "registers": None,
+                "spill_stores": 0,
+                "spill_loads": 0,
+                "stack_bytes": 0,
+                "shared_bytes": 0,
+            }
             entries.append(current)
-        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                         r"(\d+) bytes spill loads", line)):
-            current.update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)),
-                           spill_loads=int(m.group(3)))
+        elif current and (
+            m := re.search(
+                r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                r"(\d+) bytes spill loads",
+                line,
+            )
+        ):
+            current.update(
+                stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3))
+            )
         elif current and (m := re.search(r"Used (\d+) registers", line)):
             current["registers"] = int(m.group(1))
             if s := re.search(r"(\d+) bytes smem", line):
                 current["shared_bytes"] = int(s.group(1))
     if entries and shutil.which("c++filt"):
-        names = subprocess.run(["c++filt"], input="\n".join(e["kernel"] for e in entries),
-                               capture_output=True, text=True).stdout.splitlines()
+        names = subprocess.run(
+            ["c++filt"], input="\n".join(e["kernel"] for e in entries), capture_output=True, text=True
+        ).stdout.splitlines()
         if len(names) == len(entries):
-            for e, name in zip(entries, names):
+            for e, name in zip(entries, names, strict=True):
                 e["kernel"] = name
     return entries
 

@@ -14,7 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -48,7 +48,7 @@ def time_ms(
     return statistics.median(times)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth_gbs(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     """Bytes read plus written per second (GB/s) by ``dst.copy_(src)`` of ``nbytes``."""
     if torch.device(device).type != "cuda":
@@ -59,7 +59,7 @@ def copy_bandwidth_gbs(device: str = "cuda", nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matmul_peak_tflops(device: str = "cuda", n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """Achieved TFLOP/s of an ``n x n x n`` matmul (the practical compute ceiling)."""
     if torch.device(device).type != "cuda":

@@ -20,7 +20,12 @@ def test_info_json(capsys):
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["extension"]["importable"] is True
-    assert set(info["op_backends"]) == {"bidirectional_attention", "unmask_step", "decode_attention", "kv_append"}
+    assert set(info["op_backends"]) == {
+        "bidirectional_attention",
+        "unmask_step",
+        "decode_attention",
+        "kv_append",
+    }
     assert info["op_backends"]["kv_append"]["cpu"] == "cuda"  # _C's C++ path
 
 

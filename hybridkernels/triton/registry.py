@@ -9,7 +9,8 @@ case for sm_80 and sm_90 without a GPU. This module itself does not import trito
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 _PROVIDERS: list[Callable[[], Iterable[CompileCase]]] = []
 
