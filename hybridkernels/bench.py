@@ -496,11 +496,18 @@ def run(
             f"bf16 matmul {probes['matmul_tflops']:.0f} TFLOP/s"
         )
     rows: list[Row] = []
+    cases_per_stage = {
+        "planner": len(preset.batches) * len(preset.gen_lengths) * len(preset.tokens_per_step),
+        "executor": len(preset.batches),
+        "pipeline": len(preset.batches) * len(preset.gen_lengths) * 3,
+    }
+    total = sum(cases_per_stage[name] for name in chosen)
     count = [0]
 
     def progress(label: str) -> None:
         count[0] += 1
-        print(f"  [{count[0]}] {label} ...", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - t0
+        print(f"  [{count[0]}/{total}, {elapsed:5.1f} s] {label} ...", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     for name in chosen:
