@@ -478,10 +478,14 @@ def run(
         batches=tuple(batch) if batch else preset.batches,
         gen_lengths=tuple(gen_length) if gen_length else preset.gen_lengths,
     )
-    chosen = [s for s in STAGES if stages is None or s in stages]
     unknown = set(stages or ()) - set(STAGES)
     if unknown:
         raise SystemExit(f"--stage: unknown {sorted(unknown)} (known: {list(STAGES)})")
+    needs = {"planner": ("planner",), "executor": ("executor",), "pipeline": ("planner", "executor")}
+    available = [s for s in STAGES if all(getattr(preset, m) is not None for m in needs[s])]
+    chosen = [s for s in available if stages is None or s in stages]
+    if not chosen:
+        raise SystemExit(f"--preset {preset.name} has the stages {available}, not {stages}")
     print(f"hybridkernels bench --preset {preset.name}: {preset.description}, on {dev}")
     print("weights are random (no model hub): planners never get confident, so planner rows use fixed")
     print("schedules of k tokens per step; tokens/s counts generated tokens per sequence.")

@@ -1,5 +1,6 @@
 """``hybridkernels bench`` (tiny preset, one small case per stage) and ``benches/compare.py``."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,13 +32,19 @@ def test_tiny_bench_rows_and_outputs(tmp_path, capsys):
     assert "| stage |" in (tmp_path / "b.md").read_text()
 
 
-def test_bad_arguments():
+def test_bad_arguments(monkeypatch):
     with pytest.raises(SystemExit, match="--preset must be one of"):
         bench.run("huge")
     with pytest.raises(SystemExit, match="unknown"):
         bench.run("tiny", device="cpu", stages=["nope"])
     with pytest.raises(SystemExit, match="needs a GPU"):
         bench.run("llada-8b", device="cpu")
+    with pytest.raises(SystemExit, match=r"has the stages \['planner'\], not \['executor'\]"):
+        # checked before any model is built
+        monkeypatch.setitem(
+            bench.PRESETS, "planner-only", dataclasses.replace(bench.PRESETS["llada-8b"], gpu_only=False)
+        )
+        bench.run("planner-only", device="cpu", stages=["executor"])
 
 
 def _bench_json(path, value):
