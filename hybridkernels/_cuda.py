@@ -80,6 +80,7 @@ def _kv_append_op(
 ) -> None:
     device, stream = _device_and_stream(k_cache)
     rope = rope_cos is not None
+    positions = positions.contiguous()  # _C reads positions[b] at b (no stride)
     _C.kv_append(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
@@ -144,6 +145,7 @@ def _decode_launch(
 ) -> None:
     device, stream = _device_and_stream(q)
     dtype = DTYPE_CODES[q.dtype]
+    cache_lens = cache_lens.contiguous()  # _C reads cache_lens[b] at b (no stride)
     splits, ws_floats = _C.decode_plan(
         list(q.shape), list(k_cache.shape), prefix_len, dtype, num_splits, device
     )

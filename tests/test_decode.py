@@ -142,6 +142,17 @@ def test_strided_inputs():
     torch.testing.assert_close(out, reference.decode_attention(q, k, v, cache_lens, prefix=pre))
 
 
+@requires_c
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_c_cuda)])
+def test_strided_cache_lens(device):
+    # cache_lens as a column of a [B, 2] buffer (stride 2): _C reads it without a stride.
+    q, k, v, _, pre = _inputs(3, 4, 2, 64, 40, device=device, prefix=5, seed=8)
+    lens = torch.tensor([[5, 0], [40, 0], [17, 0]], dtype=torch.int32, device=device)[:, 0]
+    out, lse = decode_attention(q, k, v, lens, prefix=pre, return_lse=True, backend="cuda")
+    ref_out, ref_lse = reference.decode_attention(q, k, v, lens.contiguous(), prefix=pre, return_lse=True)
+    _check(out, lse, ref_out, ref_lse, torch.float32)
+
+
 # ---------------------------------------------------------------- dispatch and bad inputs
 
 

@@ -169,6 +169,20 @@ def test_rope_on_strided_views():
     assert torch.equal(kc, ref[0]) and torch.equal(vc, ref[1])
 
 
+@requires_c
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_c_cuda)])
+@pytest.mark.parametrize("rope", [False, True])
+def test_strided_positions(device, rope):
+    # positions as a column of a [B, 2] buffer (stride 2): _C reads it without a stride.
+    kc, vc, kn, vn = _inputs(3, 20, 2, 64, 2, device=device)
+    pos = torch.tensor([[3, 0], [18, 0], [9, 0]], device=device)[:, 0]
+    kw = {"rope": tuple(t.to(device) for t in _tables(32, 64))} if rope else {}
+    ours = _run("cuda", (kc, vc), kn, vn, pos, **kw)
+    ref = _run("reference", (kc, vc), kn, vn, pos.contiguous(), **kw)
+    torch.testing.assert_close(ours[0], ref[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours[1], ref[1])
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
