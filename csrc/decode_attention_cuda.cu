@@ -133,14 +133,17 @@ __global__ void __launch_bounds__(kThreads)
         if (base + i * kRows + ty >= r.end) s[g][i] = -INFINITY;
         mt = fmaxf(mt, s[g][i]);
       }
-      // mt == -inf: this thread row has seen no key yet (its l and acc are still 0).
+      // mt == -inf: this thread row has seen no finite score yet (its l and acc are 0, or NaN
+      // after NaN scores, which fmaxf skips). Subtracting 0 instead keeps masked keys at 0 and
+      // NaN scores NaN, as in the CPU path and the reference.
       const float alpha = mt == -INFINITY ? 0.f : exp2f(m[g] - mt);
+      const float mt_safe = mt == -INFINITY ? 0.f : mt;
       l[g] *= alpha;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) acc[g][e] *= alpha;
 #pragma unroll
       for (int i = 0; i < kNk; ++i) {
-        s[g][i] = mt == -INFINITY ? 0.f : exp2f(s[g][i] - mt);
+        s[g][i] = exp2f(s[g][i] - mt_safe);
         l[g] += s[g][i];
       }
       m[g] = mt;
@@ -176,16 +179,15 @@ __global__ void __launch_bounds__(kThreads)
     float M = -INFINITY;
 #pragma unroll
     for (int row = 0; row < kRows; ++row) M = fmaxf(M, sm_m[row][g]);
+    const float M_safe = M == -INFINITY ? 0.f : M;
     float L = 0.f, O = 0.f;
-    if (M != -INFINITY) {
 #pragma unroll
-      for (int row = 0; row < kRows; ++row) {
-        const float w = exp2f(sm_m[row][g] - M);  // 0 for rows that saw no key
-        L = fmaf(w, sm_l[row][g], L);
-        O = fmaf(w, sm_acc[row][g][d], O);
-      }
+    for (int row = 0; row < kRows; ++row) {
+      const float w = exp2f(sm_m[row][g] - M_safe);  // 0 for rows that saw no finite score
+      L = fmaf(w, sm_l[row][g], L);                  // 0 * NaN: NaN scores stay NaN
+      O = fmaf(w, sm_acc[row][g][d], O);
     }
-    const bool empty = !(L > 0.f);
+    const bool empty = L == 0.f;  // no key in this split (NaN is not empty, as on the CPU)
     const float o = empty ? 0.f : O / L;
     const float lse2 = empty ? -INFINITY : M + log2f(L);
     const int64_t hq = h0 + g;

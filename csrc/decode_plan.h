@@ -35,11 +35,21 @@ HK_HD KeyRange split_range(int64_t n, int num_splits, int tile, int s) {
 
 // Merges the partial results of `n` splits for one output element: lse2[s * lse_stride] is split
 // s's log2-sum-exp (-inf when it saw no key) and o[s * o_stride] its normalised output. Returns
-// the merged output (0 when no split saw a key) and stores the merged log2-sum-exp in *total_lse2.
+// the merged output (0 when no split saw a key; NaN when a split's log2-sum-exp is NaN, as the
+// unsplit softmax) and stores the merged log2-sum-exp in *total_lse2.
 HK_HD float merge_partials(int n, const float* lse2, int64_t lse_stride, const float* o,
                            int64_t o_stride, float* total_lse2) {
   float m = -INFINITY;
-  for (int s = 0; s < n; ++s) m = fmaxf(m, lse2[s * lse_stride]);
+  bool nan = false;
+  for (int s = 0; s < n; ++s) {
+    const float x = lse2[s * lse_stride];
+    m = fmaxf(m, x);  // skips NaN
+    nan = nan || x != x;
+  }
+  if (nan) {
+    *total_lse2 = NAN;
+    return NAN;
+  }
   if (m == -INFINITY) {
     *total_lse2 = -INFINITY;
     return 0.f;

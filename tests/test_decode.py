@@ -153,6 +153,22 @@ def test_strided_cache_lens(device):
     _check(out, lse, ref_out, ref_lse, torch.float32)
 
 
+@requires_c
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_c_cuda)])
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_nan_propagates_like_the_reference(device, num_splits):
+    # A NaN in q makes every score of that head NaN; a NaN in one key only one score. Either
+    # way the softmax row is NaN (never silently 0 / -inf, split or not).
+    q, k, v, cache_lens, pre = _inputs(2, 4, 2, 64, 300, device=device, lens=[300, 200], prefix=20)
+    q[0, 1, 3] = float("nan")
+    k[1, 150, 1, 0] = float("nan")  # row 1, kv head 1: q heads 2 and 3
+    out, lse = _cuda.decode_attention(q, k, v, cache_lens, prefix=pre, return_lse=True, num_splits=num_splits)
+    ref_out, ref_lse = reference.decode_attention(q, k, v, cache_lens, prefix=pre, return_lse=True)
+    assert ref_lse.isnan().sum() == 3
+    torch.testing.assert_close(out, ref_out, equal_nan=True, **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse, equal_nan=True, atol=1e-4, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- dispatch and bad inputs
 
 
