@@ -241,6 +241,24 @@ def _decode_inputs(q, prefix, scale):
     return k_prefix, v_prefix, int(prefix_len), float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
+def _check_out_buffers(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """_C writes ``out`` as q's dtype and shape and ``lse`` as float32 [B, Hq]: anything else
+    would be written out of bounds."""
+    B, Hq, _ = q.shape
+    for name, t, shape, dtype in (
+        ("out", out, tuple(q.shape), q.dtype),
+        ("lse", lse, (B, Hq), torch.float32),
+    ):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"decode_attention_out: {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"decode_attention_out: {name} must have dtype {dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(
+                f"decode_attention_out: {name} is on {t.device}, expected {q.device} (q's device)"
+            )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -278,6 +296,7 @@ def decode_attention_out(
 ) -> None:
     """Like :func:`decode_attention` but writes into ``out [B, Hq, D]`` (q's dtype, head dim
     contiguous) and ``lse [B, Hq]`` float32: static buffers for CUDA graphs."""
+    _check_out_buffers(q, out, lse)
     k_prefix, v_prefix, prefix_len, scale = _decode_inputs(q, prefix, scale)
     _decode_attention_out_op(
         q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, out, lse, scale, num_splits

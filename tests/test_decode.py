@@ -133,6 +133,24 @@ def test_out_buffer_views_leave_their_neighbours_alone():
 
 
 @requires_c
+@pytest.mark.parametrize(
+    "out_kw, exc",
+    [
+        (dict(dtype=torch.bfloat16), TypeError),  # 4-byte values into 2-byte slots
+        (dict(size=(2, 3, 64)), ValueError),
+        (dict(lse_dtype=torch.float16), TypeError),
+        (dict(lse_size=(2, 2)), ValueError),
+    ],
+)
+def test_out_buffers_are_checked(out_kw, exc):
+    q, k, v, cache_lens, _ = _inputs(2, 4, 2, 64, 20, seed=9)
+    out = torch.zeros(out_kw.get("size", (2, 4, 64)), dtype=out_kw.get("dtype", q.dtype))
+    lse = torch.zeros(out_kw.get("lse_size", (2, 4)), dtype=out_kw.get("lse_dtype", torch.float32))
+    with pytest.raises(exc, match="decode_attention_out"):
+        _cuda.decode_attention_out(q, k, v, cache_lens, out, lse)
+
+
+@requires_c
 def test_strided_inputs():
     # q and caches as views into larger buffers (head-dim contiguous, other strides arbitrary).
     q, k, v, cache_lens, pre = _inputs(2, 8, 2, 64, 45, prefix=4, seed=7)
