@@ -421,3 +421,20 @@ def test_cuda_graph_step_matches_eager_and_hf(dtype):
     shared = graphed.generate(ids[:1], mask[:1], prefix[:1], max_new_tokens=NEW, num_samples=4)
     assert shared.stats.shared_prefix and shared.stats.cuda_graph
     assert (shared.tokens == shared.tokens[:1]).all()
+
+
+@pytest.mark.skipif(
+    not (HAS_CUDA and torch.cuda.device_count() > 1 and _cuda.available() and _cuda.has_cuda()),
+    reason="needs 2 GPUs and _C with CUDA",
+)
+def test_cuda_graph_on_a_device_that_is_not_current():
+    """Streams and capture follow the current device: the executor must use its model's device."""
+    hf = hf_model().to("cuda:1")
+    ids, mask = (t.to("cuda:1") for t in prompts())
+    with torch.cuda.device(0):
+        graphed = ARExecutor.from_hf(hf)
+        eager = ARExecutor(graphed.model, cuda_graph=False)
+        for kw in (dict(), dict(temperature=0.8, top_k=10, seed=1)):
+            a = graphed.generate(ids, mask, max_new_tokens=NEW, **kw)
+            b = eager.generate(ids, mask, max_new_tokens=NEW, **kw)
+            assert a.stats.cuda_graph and torch.equal(a.tokens, b.tokens)

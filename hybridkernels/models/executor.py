@@ -35,6 +35,7 @@ Token choice and stopping follow :mod:`hybridkernels.reference.ar_loop` (HF sema
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -340,12 +341,14 @@ class ARExecutor:
                 if s.graph is not None:
                     s.graph.replay()
                 elif use_graph:  # first step eagerly on a side stream (warm-up), then capture
-                    _on_side_stream(lambda: self._decode_step(s))
-                    t = time.perf_counter()
-                    s.graph = _capture(
-                        lambda: self._decode_step(s), s.generator if s.sampling.temperature else None
-                    )
-                    capture_s = time.perf_counter() - t
+                    # On the model's device: streams and the capture follow the current device.
+                    with _on_device(self.model.device):
+                        _on_side_stream(lambda: self._decode_step(s))
+                        t = time.perf_counter()
+                        s.graph = _capture(
+                            lambda: self._decode_step(s), s.generator if s.sampling.temperature else None
+                        )
+                        capture_s = time.perf_counter() - t
                 else:
                     self._decode_step(s)
                 i += 1
@@ -565,6 +568,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device, else nothing to switch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _on_side_stream(fn) -> None:
     """Run ``fn`` on a side stream (PyTorch's recipe for warming up before a graph capture)."""
     current = torch.cuda.current_stream()
@@ -576,10 +584,12 @@ def _on_side_stream(fn) -> None:
 
 
 def _capture(fn, generator: torch.Generator | None) -> torch.cuda.CUDAGraph:
-    """``fn`` recorded into a CUDA graph (it does not run now: replay it)."""
+    """``fn`` recorded into a CUDA graph on the current device (it does not run now: replay it)."""
     graph = torch.cuda.CUDAGraph()
     if generator is not None:
         graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
+    # A capture stream of the current device: torch.cuda.graph's default one is created once, on
+    # whichever device was current at the first capture of the process.
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
         fn()
     return graph
