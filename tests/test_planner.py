@@ -4,7 +4,7 @@ options, CUDA-graph path and input errors."""
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import HAS_CUDA, requires_cuda
 
 from hybridkernels.models import DiffusionKVCache, DiffusionPlanner, Transformer, TransformerConfig
 from hybridkernels.models.planner import _ends_in_eos
@@ -297,7 +297,7 @@ def test_return_hidden_stats_and_stream():
 
 
 @requires_cuda
-@pytest.mark.parametrize("cache", [None, "dual"])
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
 def test_cuda_graph_replays_the_eager_step(cache):
     model = tiny(device="cuda")
     prompt, mask = prompts(device="cuda")
@@ -308,6 +308,19 @@ def test_cuda_graph_replays_the_eager_step(cache):
     again = planner.generate(prompt, mask, cuda_graph=True, **kw)
     assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
     assert 0 < graphed.stats.graph_replays < again.stats.graph_replays == again.stats.steps
+
+
+@pytest.mark.skipif(not (HAS_CUDA and torch.cuda.device_count() > 1), reason="needs 2 GPUs")
+def test_cuda_graph_on_a_device_that_is_not_current():
+    """Capture follows the current device: the planner must capture on its model's device."""
+    model = tiny(device="cuda:1")
+    prompt, mask = prompts(device="cuda:1")
+    planner = DiffusionPlanner(model)
+    kw = dict(gen_length=16, block_length=8, steps=16, cache="dual")
+    with torch.cuda.device(0):
+        eager = planner.generate(prompt, mask, cuda_graph=False, **kw)
+        graphed = planner.generate(prompt, mask, cuda_graph=True, **kw)
+    assert graphed.stats.graph_replays > 0 and torch.equal(graphed.tokens, eager.tokens)
 
 
 def test_input_errors():

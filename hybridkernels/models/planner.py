@@ -358,19 +358,24 @@ class DiffusionPlanner:
         if not graphs:
             self._step(ws, key, full, slots, key_length, generator)
             return False
-        gkey = (key, full, slots.numel(), key_length)
+        # Only a cached (not full) step reads key_length; keying the others on it would give the
+        # prefix cache's refreshes one graph per block, each never replayed.
+        gkey = (key, full, slots.numel(), key_length if ws.kv is not None and not full else None)
         graph = ws.graphs.get(gkey)
         if graph is None:
             ws.graphs[gkey] = "warm"
             self._step(ws, key, full, slots, key_length, generator)
             return False
         if graph == "warm":
-            if ws.pool is None:
-                ws.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # Nothing a step allocates outlives it, so the graphs of a workspace share one pool.
-            with torch.cuda.graph(graph, pool=ws.pool):
-                self._step(ws, key, full, slots, key_length, generator)
+            # On the workspace's device: torch.cuda.graph's default capture stream lives on
+            # whichever device was current at the process's first capture.
+            with torch.cuda.device(ws.x.device):
+                if ws.pool is None:
+                    ws.pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                # Nothing a step allocates outlives it, so the graphs of a workspace share one pool.
+                with torch.cuda.graph(graph, pool=ws.pool, stream=torch.cuda.Stream()):
+                    self._step(ws, key, full, slots, key_length, generator)
             ws.graphs[gkey] = graph
         graph.replay()
         return True
