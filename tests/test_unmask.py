@@ -181,6 +181,21 @@ def test_bf16_on_gpu(fused):
     run_both(x, torch.device("cuda"), mask_id=mask_id, num_transfer=nt, **scores)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() > 1), reason="needs 2 GPUs")
+@pytest.mark.parametrize("fused", [False, True])
+def test_runs_on_a_device_that_is_not_current(fused):
+    """Triton launches on the current device: the wrapper must switch to the tensors' one."""
+    g = torch.Generator().manual_seed(11)
+    B, Lr, V, d, mask_id = 2, 32, 3000, 128, 0
+    x = make_tokens(B, Lr, V, mask_id, 0, Lr, 0.6, g)
+    hidden = torch.randn(B, Lr, d, generator=g).half().to("cuda:1")
+    lm_head = (torch.randn(V, d, generator=g) / 8).half().to("cuda:1")
+    scores = {"hidden": hidden, "lm_head": lm_head} if fused else {"logits": hidden @ lm_head.T}
+    nt = num_masked(x, 0, Lr, mask_id).clamp(max=2).to("cuda:1")
+    with torch.cuda.device(0):
+        run_both(x, torch.device("cuda:1"), mask_id=mask_id, num_transfer=nt, **scores)
+
+
 @requires_cuda
 @pytest.mark.parametrize("fused", [False, True])
 def test_step_replays_in_a_cuda_graph(fused):

@@ -19,6 +19,7 @@ device (no host sync), which keeps the step capturable in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -531,64 +532,66 @@ def unmask_step(
         SAMPLE=sample,
         **({} if config is None else config),
     )
-    if fused:
-        flat = committable_u8.reshape(-1)
-        rows = torch.sort(flat, descending=True, stable=True).indices.to(torch.int32)  # masked first
-        fp32 = hidden.dtype == torch.float32
-        kernel = _lm_head_partials_tuned[fp32] if config is None else _lm_head_partials_kernel
-        kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_splits)](
-            hidden_ptr=hidden,
-            weight_ptr=lm_head,
-            rows_ptr=rows,
-            n_rows_ptr=flat.sum(dtype=torch.int32).reshape(1),
-            D=D,
-            stride_hb=hidden.stride(0),
-            stride_hl=hidden.stride(1),
-            stride_wv=lm_head.stride(0),
-            DOT_PRECISION="ieee" if fp32 else "tf32",
-            **shared,
-        )
-    else:
-        kernel = _logits_partials_tuned if config is None else _logits_partials_kernel
-        kernel[(n_rows, n_splits)](
-            logits_ptr=logits,
-            committable_ptr=committable_u8,
-            stride_lb=logits.stride(0),
-            stride_ll=logits.stride(1),
-            stride_lv=logits.stride(2),
-            **shared,
-        )
+    # Triton launches on the current device, not the tensors': guard to x's.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if fused:
+            flat = committable_u8.reshape(-1)
+            rows = torch.sort(flat, descending=True, stable=True).indices.to(torch.int32)  # masked first
+            fp32 = hidden.dtype == torch.float32
+            kernel = _lm_head_partials_tuned[fp32] if config is None else _lm_head_partials_kernel
+            kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_R"]), n_splits)](
+                hidden_ptr=hidden,
+                weight_ptr=lm_head,
+                rows_ptr=rows,
+                n_rows_ptr=flat.sum(dtype=torch.int32).reshape(1),
+                D=D,
+                stride_hb=hidden.stride(0),
+                stride_hl=hidden.stride(1),
+                stride_wv=lm_head.stride(0),
+                DOT_PRECISION="ieee" if fp32 else "tf32",
+                **shared,
+            )
+        else:
+            kernel = _logits_partials_tuned if config is None else _logits_partials_kernel
+            kernel[(n_rows, n_splits)](
+                logits_ptr=logits,
+                committable_ptr=committable_u8,
+                stride_lb=logits.stride(0),
+                stride_ll=logits.stride(1),
+                stride_lv=logits.stride(2),
+                **shared,
+            )
 
-    tokens = torch.empty((B, Lr), dtype=torch.int64, device=device)
-    confidence = torch.empty((B, Lr), dtype=torch.float32, device=device)
-    committed = torch.empty((B, Lr), dtype=torch.bool, device=device)
-    use_threshold = threshold is not None
-    _commit_kernel[(B, triton.cdiv(Lr, COMMIT_BLOCK))](
-        x,
-        committable_u8,
-        committable_u8 if use_threshold else num_transfer,
-        part_f,
-        part_i,
-        deferred,
-        seed,
-        tokens,
-        confidence,
-        committed.view(torch.uint8),
-        Lr,
-        V,
-        start,
-        n_splits,
-        n_part,
-        len(deferred_token_ids),
-        x.stride(0),
-        x.stride(1),
-        float(threshold) if use_threshold else 0.0,
-        SAMPLE=sample,
-        RANDOM=random,
-        USE_THRESHOLD=use_threshold,
-        BLOCK=COMMIT_BLOCK,
-        num_warps=COMMIT_WARPS,
-    )
+        tokens = torch.empty((B, Lr), dtype=torch.int64, device=device)
+        confidence = torch.empty((B, Lr), dtype=torch.float32, device=device)
+        committed = torch.empty((B, Lr), dtype=torch.bool, device=device)
+        use_threshold = threshold is not None
+        _commit_kernel[(B, triton.cdiv(Lr, COMMIT_BLOCK))](
+            x,
+            committable_u8,
+            committable_u8 if use_threshold else num_transfer,
+            part_f,
+            part_i,
+            deferred,
+            seed,
+            tokens,
+            confidence,
+            committed.view(torch.uint8),
+            Lr,
+            V,
+            start,
+            n_splits,
+            n_part,
+            len(deferred_token_ids),
+            x.stride(0),
+            x.stride(1),
+            float(threshold) if use_threshold else 0.0,
+            SAMPLE=sample,
+            RANDOM=random,
+            USE_THRESHOLD=use_threshold,
+            BLOCK=COMMIT_BLOCK,
+            num_warps=COMMIT_WARPS,
+        )
     return UnmaskResult(x, committed, tokens, confidence)
 
 
