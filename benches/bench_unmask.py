@@ -64,7 +64,9 @@ def torch_llada_step(x: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Ten
     confidence = torch.where(committable, confidence, float("-inf"))
     chosen = torch.zeros_like(committable)
     chosen.scatter_(1, torch.topk(confidence, k, dim=1).indices, True)
-    window[chosen] = candidate[chosen]
+    # torch.where, not window[chosen] = ...: boolean indexing syncs (nonzero), which a CUDA graph
+    # capture forbids.
+    window.copy_(torch.where(chosen, candidate, window))
     return x
 
 
