@@ -7,6 +7,7 @@ and times nothing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,9 @@ from hybridkernels.benchmarking import environment, roofline, synchronize, time_
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+# HYBRIDKERNELS_BENCH_QUICK=1 (benches/gpu_check.sh): each module runs a subset of its GPU cases
+# and fewer rounds, so that all of them fit in a few minutes; the default runs every case.
+QUICK = os.environ.get("HYBRIDKERNELS_BENCH_QUICK", "") not in ("", "0")
 
 
 def compare(
@@ -26,12 +30,15 @@ def compare(
     flops: float = 0.0,
     nbytes: float = 0.0,
     rounds: int = 10,
+    warmup: int = 2,
     **extra,
 ) -> None:
     """Time ``ours`` with pytest-benchmark and ``baseline`` in the same run; record the speedup.
 
     Check that both compute the same thing *before* calling this. ``flops``/``nbytes`` are the
-    work of one call of ``ours`` (for TFLOP/s and GB/s against the measured ceilings).
+    work of one call of ``ours`` (for TFLOP/s and GB/s against the measured ceilings). ``warmup``
+    untimed calls precede each of the three timings (end-to-end benchmarks whose calls take
+    seconds pass 1).
     """
 
     def run():
@@ -41,8 +48,8 @@ def compare(
     if benchmark.disabled:
         benchmark(run)
         return
-    baseline_ms = time_ms(baseline, device, reps=rounds)
-    ours_ms = time_ms(ours, device, reps=rounds)
+    baseline_ms = time_ms(baseline, device, warmup=warmup, reps=rounds)
+    ours_ms = time_ms(ours, device, warmup=warmup, reps=rounds)
     benchmark.extra_info.update(
         baseline_ms=baseline_ms,
         ours_ms=ours_ms,
@@ -51,7 +58,7 @@ def compare(
         **environment(device),
         **extra,
     )
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup)
 
 
 def cuda_graphed(

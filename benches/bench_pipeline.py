@@ -38,7 +38,7 @@ import time
 
 import pytest
 import torch
-from _common import DEVICE, ON_GPU
+from _common import DEVICE, ON_GPU, QUICK
 
 from hybridkernels.bench import PRESETS
 from hybridkernels.benchmarking import copy_bandwidth_gbs, environment, matmul_peak_tflops, synchronize
@@ -63,6 +63,8 @@ if ON_GPU:
     PLANNER, EXECUTOR, DTYPE = PRESETS["paper"].planner, PRESETS["paper"].executor, torch.bfloat16
     CASES = [(64, 8, 1), (64, 8, 16), (256, 256, 1)]  # (plan tokens, answer tokens, batch)
     QUESTION_WORDS, BLOCK, REPS = 48, 32, 3
+    if QUICK:  # gpu_check.sh: batch 16 and 256 + 256 take minutes per mode
+        CASES, REPS = [(64, 8, 1)], 2
 else:
     PLANNER, EXECUTOR, DTYPE = _tiny(causal=False), _tiny(causal=True), torch.float32
     CASES = [(8, 4, 2)]
