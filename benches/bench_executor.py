@@ -29,7 +29,7 @@ import torch
 from _common import DEVICE, ON_GPU, QUICK, compare
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridkernels.benchmarking import copy_bandwidth_gbs, time_ms
+from hybridkernels.benchmarking import copy_bandwidth_gbs, streamed_weight_bytes, time_ms
 from hybridkernels.models import ARExecutor
 from hybridkernels.reference.ar_loop import ar_generate
 
@@ -105,14 +105,6 @@ def _check_greedy(hf, ids, tokens):
     assert (gap <= tol).all(), f"greedy token {float(gap.max()):.4f} below HF's argmax"
 
 
-def _weight_bytes(model) -> int:
-    """Bytes a decode step streams: every parameter but the embedding table (one row is read)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is None:  # tied: the table is read whole as the LM head
-        return total
-    return total - model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-
-
 def _kv_bytes(model, rows, length) -> int:
     c = model.config
     return 2 * c.num_layers * rows * length * c.num_kv_heads * c.head_dim * model.dtype.itemsize
@@ -122,7 +114,7 @@ def _roofline(ex, rows, tokens_per_s) -> dict:
     if not ON_GPU:
         return {}
     bw = copy_bandwidth_gbs(str(DEVICE)) * 1e9
-    weights = _weight_bytes(ex.model)
+    weights = streamed_weight_bytes(ex.model)
     kv = _kv_bytes(ex.model, rows, PROMPT + NEW // 2)  # mean cache length over the decode
     return dict(
         copy_bandwidth_gbs=bw / 1e9,

@@ -41,7 +41,13 @@ import torch
 from _common import DEVICE, ON_GPU, QUICK
 
 from hybridkernels.bench import PRESETS
-from hybridkernels.benchmarking import copy_bandwidth_gbs, environment, matmul_peak_tflops, synchronize
+from hybridkernels.benchmarking import (
+    copy_bandwidth_gbs,
+    environment,
+    matmul_peak_tflops,
+    streamed_weight_bytes,
+    synchronize,
+)
 from hybridkernels.models import ARExecutor, DiffusionPlanner, LatentProjector, Transformer, TransformerConfig
 from hybridkernels.models.prompting import vocabulary_tokenizer
 from hybridkernels.pipeline import HybridPipeline
@@ -192,19 +198,12 @@ def _time(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _weight_bytes(model: Transformer) -> int:
-    """Bytes one model call streams: every parameter but the embedding table (rows are gathered)."""
-    emb = model.embed_tokens.weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total - (emb.numel() * emb.element_size() if model.lm_head is not None else 0)
-
-
 def _call_floor(model: Transformer, tokens: int) -> float:
     """Seconds: max(weight bytes / copy bandwidth, 2 * params * tokens / matmul peak)."""
-    params = _weight_bytes(model) / model.embed_tokens.weight.element_size()
+    params = streamed_weight_bytes(model) / model.embed_tokens.weight.element_size()
     bw = copy_bandwidth_gbs(str(DEVICE)) * 1e9
     peak = matmul_peak_tflops(str(DEVICE)) * 1e12
-    return max(_weight_bytes(model) / bw, 2 * params * tokens / peak)
+    return max(streamed_weight_bytes(model) / bw, 2 * params * tokens / peak)
 
 
 def _floor_s(pipe: HybridPipeline, out, question: str, B: int) -> float:

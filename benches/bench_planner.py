@@ -31,7 +31,13 @@ from _common import DEVICE, ON_GPU, QUICK
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridkernels import ops
-from hybridkernels.benchmarking import copy_bandwidth_gbs, environment, matmul_peak_tflops, time_ms
+from hybridkernels.benchmarking import (
+    copy_bandwidth_gbs,
+    environment,
+    matmul_peak_tflops,
+    streamed_weight_bytes,
+    time_ms,
+)
 from hybridkernels.models import DiffusionPlanner, Transformer
 from hybridkernels.reference import llada_generate
 from hybridkernels.reference.llada import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID
@@ -194,13 +200,6 @@ def _check_first_step(planner, naive, prompt, mask, Lp, k):
     )
 
 
-def _weight_bytes(model) -> int:
-    """Bytes a step streams: every parameter but the embedding table (rows are gathered)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb = model.embed_tokens.weight
-    return total if model.lm_head is None else total - emb.numel() * emb.element_size()
-
-
 def _step_flops(model, rows: int, q_len: int, k_len: int, head_rows: int) -> float:
     """Matmul flops of a forward of ``rows x q_len`` tokens against ``k_len`` keys, with the LM head
     on ``head_rows`` rows in total."""
@@ -220,7 +219,7 @@ def _roofline(model, steps: list[tuple[int, int, int, int]], ms: float) -> dict:
         return dict(flops=flops)
     bw = copy_bandwidth_gbs(str(DEVICE)) * 1e9
     peak = matmul_peak_tflops(str(DEVICE)) * 1e12
-    weights = _weight_bytes(model)
+    weights = streamed_weight_bytes(model)
     floor = sum(max(weights / bw, _step_flops(model, *s) / peak) for s in steps)
     return dict(
         floor_ms=floor * 1e3,

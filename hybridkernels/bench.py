@@ -152,10 +152,6 @@ def _agreement(ours: torch.Tensor, baseline: torch.Tensor, preset: Preset, where
     return f"{100 * (ours == baseline).float().mean().item():.1f}% tokens equal (bf16)"
 
 
-def _weight_bytes(model: Transformer) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def _forward_flops(config: TransformerConfig, tokens: int, keys: int) -> float:
     """Matmul flops of one forward of ``tokens`` queries over ``keys`` keys (LM head excluded)."""
     d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
@@ -201,7 +197,7 @@ def stage_planner(preset: Preset, device: torch.device, reps: int, progress) -> 
                 agree = (dual.generated == fast.generated).float().mean().item()
                 tokens = batch * gen
                 L = preset.prompt_len + gen
-                w = _weight_bytes(model)
+                w = benchmarking.streamed_weight_bytes(model)
                 full_floor = _floor_s(device, w, _forward_flops(cfg, batch * L, L))
                 cached_floor = _floor_s(device, w, _forward_flops(cfg, batch * preset.block_length, L))
                 on_gpu = device.type == "cuda"
@@ -252,7 +248,11 @@ def stage_executor(preset: Preset, device: torch.device, reps: int, progress) ->
         naive_out, naive_s = _timed(device, 1, ar_generate, model, prompt, max_new_tokens=new)
         agreement = _agreement(ours_out.tokens, naive_out.tokens, preset, f"executor {batch=}")
         tokens = batch * new
-        floor = _floor_s(device, _weight_bytes(model), _forward_flops(cfg, batch, preset.prompt_len + new))
+        floor = _floor_s(
+            device,
+            benchmarking.streamed_weight_bytes(model),
+            _forward_flops(cfg, batch, preset.prompt_len + new),
+        )
         step_s = ours_out.stats.decode_s / max(1, ours_out.stats.decode_steps)
         fraction = floor / step_s if device.type == "cuda" else None
         common = dict(

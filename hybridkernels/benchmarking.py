@@ -104,6 +104,17 @@ def environment(device: torch.device | str = "cuda") -> dict:
     return info
 
 
+def streamed_weight_bytes(model) -> int:
+    """Bytes of weights one forward of a :class:`~hybridkernels.models.Transformer` streams: every
+    parameter but an untied embedding table (its rows are gathered, not read whole; a tied table is
+    read whole as the LM head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is None:
+        return total
+    emb = model.embed_tokens.weight
+    return total - emb.numel() * emb.element_size()
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
