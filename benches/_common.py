@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from hybridkernels.benchmarking import environment, roofline, synchronize, time_ms
+from hybridkernels.models.cuda_graphs import capture, warm_up
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -72,13 +73,7 @@ def cuda_graphed(
     device = torch.device(device)
     if device.type != "cuda":
         return fn
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
+    with torch.cuda.device(device):
         for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+            warm_up(fn)
+        return capture(fn).replay

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .models.executor import ARExecutor
+from .models.executor import ARExecutor, plan_then_answer
 from .models.planner import DiffusionPlanner
 from .models.projector import LatentProjector, check_projector_fits
 from .models.prompting import (
@@ -39,9 +39,7 @@ from .models.prompting import (
     decode,
     encode,
     encode_prompts,
-    left_pad,
     load_tokenizer,
-    safe_pad_id,
 )
 from .models.training import DEFAULT_PLANNER_KWARGS
 from .reference.ar_loop import ar_generate
@@ -304,24 +302,37 @@ class HybridPipeline:
         return _Gen(out.tokens, out.lengths, None, None, out.tokens.shape[1], _now(dev) - t0, stops)
 
     def _ar(self, questions, pk, ek, started) -> PipelineOutput:
-        """AR->AR: the executor plans (until ``plan_eos_token_id``, default its EOS), then answers."""
+        """AR->AR (:func:`~hybridkernels.models.executor.plan_then_answer`): the executor plans
+        (until ``plan_eos_token_id``, default its EOS), then answers."""
         tok, e_model = self.executor_tokenizer, self.executor.model
-        plan_max = ek.get("plan_max_new_tokens", pk.get("gen_length", DEFAULT_PLANNER_KWARGS["gen_length"]))
-        plan_eos = ek.get("plan_eos_token_id", ek.get("eos_token_id"))
+        ek = dict(ek)
+        plan_max = ek.pop("plan_max_new_tokens", pk.get("gen_length", DEFAULT_PLANNER_KWARGS["gen_length"]))
+        plan_eos = ek.pop("plan_eos_token_id", None)
+        eos, new = ek.pop("eos_token_id", None), ek.pop("max_new_tokens")
         prompts = [self.templates.ar_plan.format(question=q) for q in questions]
         ids, mask = encode_prompts(tok, prompts, device=e_model.device, where=WHERE)
-        t0 = _now(e_model.device)
-        plan = self._generate(ids, mask, None, ek | {"num_samples": 1}, max_new_tokens=plan_max, eos=plan_eos)
-        plan_s = _now(e_model.device) - t0
+        times = []
+
+        def generate(ids, mask, *, max_new_tokens, eos_token_id, **kw):
+            gen = self._generate(ids, mask, None, kw, max_new_tokens=max_new_tokens, eos=eos_token_id)
+            times.append(gen.seconds)
+            return gen
+
+        out = plan_then_answer(
+            generate,
+            ids,
+            mask,
+            plan_max_new_tokens=plan_max,
+            max_new_tokens=new,
+            answer_prefix_ids=encode(tok, self.templates.ar_answer, special=False),
+            plan_eos_token_id=plan_eos,
+            eos_token_id=eos,
+            **ek,
+        )
+        plan = out.plan
         plan_ids = _strip_eos(plan)
-        tail = encode(tok, self.templates.ar_answer, special=False)
-        rows = [ids[b][mask[b]].tolist() + plan_ids[b] + tail for b in range(len(questions))]
-        a_ids, a_mask = left_pad(rows, pad_id=safe_pad_id(tok, None), device=e_model.device)
-        if ek.get("seed") is not None:  # as ARExecutor.plan_then_answer: the answer draws with seed + 1
-            ek = ek | {"seed": ek["seed"] + 1}
-        answer = self._generate(a_ids, a_mask, None, ek)
         stats = dict(
-            plan_s=plan_s,
+            plan_s=times[0],
             plan_steps=plan.steps,
             plan_forward_passes=plan.steps,
             plan_tokens=int(plan.lengths.sum()),
@@ -329,7 +340,7 @@ class HybridPipeline:
             latent_vectors=0,
         )
         plans = [decode(tok, p) for p in plan_ids]
-        return self._output(questions, plans, plan_ids, answer, stats, started)
+        return self._output(questions, plans, plan_ids, out.answer, stats, started)
 
     def _output(self, questions, plans, plan_ids, answer: _Gen, stats: dict, started) -> PipelineOutput:
         answer_ids = _strip_eos(answer)

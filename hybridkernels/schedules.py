@@ -9,10 +9,12 @@ of its masked positions it commits. Each one drives :func:`hybridkernels.ops.unm
 The step counts assume every commit unmasks its position: pass ``banned_token_ids=(mask_id, ...)``
 so that the mask token itself is never a candidate (LLaDA leaves this to the model).
 
-A schedule is stateless: :meth:`Schedule.plan` computes step ``s``'s arguments from the current
-tokens ``x`` on the device (no host sync), so the steps of a fixed-length schedule can run in a
-CUDA graph. Only :class:`ThresholdSchedule`, whose step count depends on the model, checks on the
-host whether its window still holds masks.
+The planner drives one schedule per generation: for each stage (window) it asks
+:meth:`Schedule.stage_plans` for the steps, one at a time, each computed from the live tokens ``x``
+when it is requested. A new decoding rule is a new subclass that implements ``num_steps`` and
+``plan`` (a step's commit count from ``x`` on the device: no host sync, so fixed-length schedules
+can run in CUDA graphs) and, where the rule needs per-window state or host checks, ``stage_plans``
+(LLaDA's block-start table, the threshold rule's stop check).
 
 =========================  =================  ==============================================
 schedule                   window             per step
@@ -28,6 +30,7 @@ schedule                   window             per step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,6 +101,24 @@ class Schedule:
         """The ``unmask_step`` arguments of step ``step`` of stage ``stage`` given the tokens ``x [B, L]``."""
         raise NotImplementedError
 
+    def stage_plans(
+        self, x: torch.Tensor, mask_id: int, stage: int, *, first: int | None = None, skip_idle: bool = False
+    ) -> Iterator[StepPlan]:
+        """The steps of stage ``stage``, each computed when requested from ``x`` as it is then.
+
+        first: the first row the steps rank (default: the window's start). The planner passes the
+            first generated position still masked, so that a position an earlier window left
+            masked (the model proposed ``mask_id``) stays committable, as in LLaDA; the commit
+            counts are still the window's.
+        skip_idle: leave out steps that commit nothing (a forward pass saved; the planner keeps
+            them when they would consume random draws).
+        """
+        start, stop = self.window(stage)
+        first = start if first is None else first
+        for step in range(self.num_steps(stage)):
+            plan = self.plan(x, mask_id, stage, step)
+            yield dataclasses.replace(plan, start=first) if first != plan.start else plan
+
     def plans(self, x: torch.Tensor, mask_id: int) -> Iterator[StepPlan]:
         """Every step in order. Each plan is computed when requested, from ``x`` as it is then."""
         if x.dim() != 2 or x.shape[1] < self.gen_start + self.gen_len:
@@ -106,8 +127,7 @@ class Schedule:
                 f"got {tuple(x.shape)}"
             )
         for stage in range(self.num_stages):
-            for step in range(self.num_steps(stage)):
-                yield self.plan(x, mask_id, stage, step)
+            yield from self.stage_plans(x, mask_id, stage)
 
     def _masked(self, x: torch.Tensor, mask_id: int, stage: int) -> tuple[int, int, torch.Tensor]:
         start, stop = self.window(stage)
@@ -142,6 +162,17 @@ class LLaDASchedule(Schedule):
             raise ValueError(f"step must be in [0, {self.num_steps(stage)}), got {step}")
         num_transfer = get_num_transfer_tokens(masked, steps_left)[:, 0]
         return StepPlan(stage, step, start, stop, num_transfer=num_transfer)
+
+    def stage_plans(self, x, mask_id, stage, *, first=None, skip_idle=False):
+        """LLaDA's table, computed once when the block starts (it differs from :meth:`plan`'s
+        split of what is left only when a step commits ``mask_id`` itself)."""
+        start, stop, masked = self._masked(x, mask_id, stage)
+        table = get_num_transfer_tokens(masked, self.num_steps(stage))
+        active = table.any(dim=0).tolist() if skip_idle else [True] * table.shape[1]
+        first = start if first is None else first
+        for step, on in enumerate(active):
+            if on:
+                yield StepPlan(stage, step, first, stop, num_transfer=table[:, step])
 
 
 class FixedKSchedule(Schedule):
@@ -178,11 +209,15 @@ class ThresholdSchedule(Schedule):
         start, stop = self.window(stage)
         return StepPlan(stage, step, start, stop, threshold=self.threshold)
 
-    def plans(self, x, mask_id):
-        for plan in super().plans(x, mask_id):
-            if not bool((x[:, plan.start : plan.stop] == mask_id).any()):
-                continue  # this block is done: skip its remaining steps
-            yield plan
+    def stage_plans(self, x, mask_id, stage, *, first=None, skip_idle=False):
+        """Until the rows ``[first, stop)`` hold no mask: one host check before each step, at most
+        one step per row."""
+        start, stop = self.window(stage)
+        first = start if first is None else first
+        for step in range(stop - first):
+            if not bool((x[:, first:stop] == mask_id).any()):
+                return
+            yield StepPlan(stage, step, first, stop, threshold=self.threshold)
 
 
 class ParallelForcedSchedule(Schedule):

@@ -3,8 +3,6 @@ Qwen3 models in fp32 on the CPU (decode through ``_C``'s C++ path), left padding
 prefixes, EOS, num_samples (shared prefix), sampling filters, the AR->AR helper, bad inputs.
 A CUDA test (skipped without a GPU) checks the graph-captured step against the eager one."""
 
-import importlib
-
 import pytest
 import torch
 from transformers import (
@@ -18,9 +16,8 @@ from transformers import (
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from hybridkernels import _cuda
-from hybridkernels.models import ARExecutor
-from hybridkernels.models import executor as executor_mod
-from hybridkernels.ops import decode as decode_mod
+from hybridkernels.models import ARExecutor, cuda_graphs
+from hybridkernels.ops import OP_BACKENDS
 from hybridkernels.reference.ar_loop import ar_generate
 
 V = 97
@@ -41,7 +38,6 @@ HF = {
 }
 NEW = 10
 HAS_CUDA = torch.cuda.is_available()
-kv_append_mod = importlib.import_module("hybridkernels.ops.kv_append")  # ops.kv_append is the function
 
 
 def hf_model(family="llama", seed=0, **overrides):
@@ -124,8 +120,8 @@ def test_decode_runs_through_the_compiled_extension(llama, monkeypatch):
 
         monkeypatch.setitem(table, key, wrapped)
 
-    counting(decode_mod.IMPLEMENTATIONS, "cuda", "decode")
-    counting(kv_append_mod.IMPLEMENTATIONS, "cuda", "append")
+    counting(OP_BACKENDS["decode_attention"].implementations, "cuda", "decode")
+    counting(OP_BACKENDS["kv_append"].implementations, "cuda", "append")
     ids, mask = prompts(B=2, pads=(0, 2))
     out = ex.generate(ids, mask, max_new_tokens=4)
     layers = hf.config.num_hidden_layers
@@ -347,8 +343,8 @@ def test_graph_branch_replays_the_same_step(llama, monkeypatch):
     free = ex.generate(ids, mask, max_new_tokens=NEW)
     eos = int(free.tokens[0, 4])
     plain = ex.generate(ids, mask, max_new_tokens=NEW, eos_token_id=eos, temperature=0.7, seed=5)
-    monkeypatch.setattr(executor_mod, "_capture", lambda fn, generator: _ReplayGraph(fn))
-    monkeypatch.setattr(executor_mod, "_on_side_stream", lambda fn: fn())
+    monkeypatch.setattr(cuda_graphs, "capture", lambda fn, pool, generator: _ReplayGraph(fn))
+    monkeypatch.setattr(cuda_graphs, "warm_up", lambda fn: fn())
     monkeypatch.setattr(ARExecutor, "_graph_enabled", lambda self, s: True)
     graphed = ARExecutor(ex.model, stop_check_every=2)
     for kw in (dict(), dict(eos_token_id=eos, temperature=0.7, seed=5)):

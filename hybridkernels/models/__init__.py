@@ -5,6 +5,7 @@ from .diffusion_cache import DiffusionKVCache
 from .executor import ARExecutor, GenerationOutput, GenerationStats, PlanAnswerOutput
 from .loading import load_hf_model, load_pretrained, save_pretrained
 from .planner import DiffusionPlanner, PlannerBlock, PlannerOutput, PlannerStats
+from .planner_options import PlannerOptions
 from .projector import LatentProjector, ProjectorConfig
 from .prompting import PromptTemplates
 from .training import TrainResult, read_examples, train_projector

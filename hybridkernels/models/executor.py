@@ -35,7 +35,6 @@ Token choice and stopping follow :mod:`hybridkernels.reference.ar_loop` (HF sema
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -47,7 +46,9 @@ import torch
 
 from ..ops._checks import skip_value_checks
 from ..reference.ar_loop import emit_tokens, eos_tensor, generated_lengths, sample_tokens
+from .cuda_graphs import StepGraphs
 from .kv_cache import DecodeHook, PrefillHook, StaticKVCache
+from .prompting import left_pad
 from .transformer import Transformer
 
 WHERE = "ARExecutor.generate"
@@ -84,7 +85,7 @@ class GenerationOutput(NamedTuple):
 
 
 class PlanAnswerOutput(NamedTuple):
-    """:meth:`ARExecutor.plan_then_answer`: the ``plan`` generation, the ``answer`` generation,
+    """:func:`plan_then_answer`: the ``plan`` generation, the ``answer`` generation,
     and the answer's left-padded prompt (``answer_input_ids``, ``answer_attention_mask``)."""
 
     plan: GenerationOutput
@@ -130,7 +131,7 @@ class _DecodeState:
             prefix_len=prefix_len,
             backend=backend,
         )
-        self.graph = None
+        self.graphs = StepGraphs(dev)
 
     @property
     def nbytes(self) -> int:
@@ -304,7 +305,7 @@ class ARExecutor:
             cache_len=s.cache.max_len,
             cache_bytes=s.nbytes,
             shared_prefix=shared,
-            cuda_graph=s.graph is not None,
+            cuda_graph=len(s.graphs) > 0,
             graph_capture_s=capture_s,
         )
         return GenerationOutput(tokens, out_lengths, stats)
@@ -335,26 +336,18 @@ class ARExecutor:
         if steps == 0 or (check_stop and bool(s.finished.all())):
             return 0, 0.0
         use_graph = self._graph_enabled(s)
-        capture_s, i = 0.0, 0
+        generator = s.generator if s.sampling.temperature else None
+        captured_before, i = s.graphs.capture_s, 0
         with skip_value_checks():  # indices are in bounds by construction; checks would sync
             while i < steps:
-                if s.graph is not None:
-                    s.graph.replay()
-                elif use_graph:  # first step eagerly on a side stream (warm-up), then capture
-                    # On the model's device: streams and the capture follow the current device.
-                    with _on_device(self.model.device):
-                        _on_side_stream(lambda: self._decode_step(s))
-                        t = time.perf_counter()
-                        s.graph = _capture(
-                            lambda: self._decode_step(s), s.generator if s.sampling.temperature else None
-                        )
-                        capture_s = time.perf_counter() - t
+                if use_graph:
+                    s.graphs.run("decode", lambda: self._decode_step(s), generator=generator)
                 else:
                     self._decode_step(s)
                 i += 1
                 if check_stop and i % self.stop_check_every == 0 and bool(s.finished.all()):
                     break
-        return i, capture_s
+        return i, s.graphs.capture_s - captured_before
 
     def _graph_enabled(self, s: _DecodeState) -> bool:
         if self.cuda_graph is False or self.model.device.type != "cuda":
@@ -372,58 +365,22 @@ class ARExecutor:
         answer_prefix_ids: list[int] | torch.Tensor | None = None,
         plan_eos_token_id: int | list[int] | None = None,
         eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        **kwargs,
     ) -> PlanAnswerOutput:
-        """The pipeline's AR->AR baseline: the executor writes its own plan, then answers.
-
-        1. ``plan = generate(input_ids, attention_mask, max_new_tokens=plan_max_new_tokens)``,
-           stopping at ``plan_eos_token_id`` (default ``eos_token_id``);
-        2. each row's answer prompt is its prompt tokens + its plan (the plan's closing EOS
-           dropped) + ``answer_prefix_ids`` (e.g. the tokens of "Answer:"), left-padded;
-        3. ``answer = generate(answer prompt, max_new_tokens=max_new_tokens)`` stopping at
-           ``eos_token_id``. Sampling options apply to both; the answer uses ``seed + 1``.
-        """
-        plan_eos = eos_token_id if plan_eos_token_id is None else plan_eos_token_id
-        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, pad_token_id=pad_token_id)
-        plan = self.generate(
+        """The pipeline's AR->AR baseline: the executor writes its own plan, then answers
+        (:func:`plan_then_answer` with this executor's :meth:`generate`; ``kwargs``: its sampling
+        options, ``seed``, ``pad_token_id``, ``num_samples``)."""
+        return plan_then_answer(
+            self.generate,
             input_ids,
             attention_mask,
-            max_new_tokens=plan_max_new_tokens,
-            eos_token_id=plan_eos,
-            seed=seed,
-            **kw,
-        )
-        dev = self.model.device
-        input_ids = input_ids.to(dev)
-        mask = (
-            torch.ones_like(input_ids, dtype=torch.bool)
-            if attention_mask is None
-            else attention_mask.to(dev) != 0
-        )
-        plan_eos_ids = eos_tensor(plan_eos, dev)
-        tail = torch.as_tensor(
-            [] if answer_prefix_ids is None else answer_prefix_ids, dtype=torch.long, device=dev
-        )
-        rows = []
-        for b in range(input_ids.shape[0]):
-            steps = plan.tokens[b, : int(plan.lengths[b])]
-            if plan_eos_ids is not None and steps.numel() and bool(torch.isin(steps[-1], plan_eos_ids)):
-                steps = steps[:-1]
-            rows.append(torch.cat([input_ids[b][mask[b]].long(), steps, tail]))
-        ids, answer_mask = _left_pad(rows, pad=0)
-        answer = self.generate(
-            ids,
-            answer_mask,
+            plan_max_new_tokens=plan_max_new_tokens,
             max_new_tokens=max_new_tokens,
+            answer_prefix_ids=answer_prefix_ids,
+            plan_eos_token_id=plan_eos_token_id,
             eos_token_id=eos_token_id,
-            seed=None if seed is None else seed + 1,
-            **kw,
+            **kwargs,
         )
-        return PlanAnswerOutput(plan, answer, ids, answer_mask)
 
     # ------------------------------------------------------------------ inputs
     def _packed_prompt(self, input_ids, attention_mask, prefix_embeds):
@@ -551,45 +508,58 @@ def _desc(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D token rows -> left-padded ``ids [B, L]`` and bool ``mask [B, L]``."""
-    L = max(r.numel() for r in rows)
-    ids = rows[0].new_full((len(rows), L), pad)
-    mask = torch.zeros(len(rows), L, dtype=torch.bool, device=rows[0].device)
-    for b, r in enumerate(rows):
-        if r.numel():
-            ids[b, L - r.numel() :] = r
-            mask[b, L - r.numel() :] = True
-    return ids, mask
+def plan_then_answer(
+    generate,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    plan_max_new_tokens: int,
+    max_new_tokens: int,
+    answer_prefix_ids: list[int] | torch.Tensor | None = None,
+    plan_eos_token_id: int | list[int] | None = None,
+    eos_token_id: int | list[int] | None = None,
+    seed: int | None = None,
+    **kwargs,
+) -> PlanAnswerOutput:
+    """AR->AR with any ``generate(ids, mask, *, max_new_tokens, eos_token_id, seed, **kwargs)``
+    returning ``tokens [N, T]`` and ``lengths [N]`` (:meth:`ARExecutor.generate`, or the pipeline's
+    naive loop):
+
+    1. ``plan = generate(input_ids, attention_mask, max_new_tokens=plan_max_new_tokens)``, stopping
+       at ``plan_eos_token_id`` (default ``eos_token_id``), one plan per prompt row;
+    2. each row's answer prompt is its prompt tokens + its plan (the plan's closing EOS dropped) +
+       ``answer_prefix_ids`` (e.g. the tokens of "Answer:"), left-padded;
+    3. ``answer = generate(answer prompt, max_new_tokens=max_new_tokens)`` stopping at
+       ``eos_token_id``. ``kwargs`` apply to both (``num_samples`` to the answer only); the answer
+       draws with ``seed + 1``.
+    """
+    plan_eos = eos_token_id if plan_eos_token_id is None else plan_eos_token_id
+    plan_kw = {k: v for k, v in kwargs.items() if k != "num_samples"}
+    plan = generate(
+        input_ids,
+        attention_mask,
+        max_new_tokens=plan_max_new_tokens,
+        eos_token_id=plan_eos,
+        seed=seed,
+        **plan_kw,
+    )
+    stops = set() if plan_eos is None else set(eos_tensor(plan_eos, "cpu").tolist())
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+    tail = answer_prefix_ids.tolist() if isinstance(answer_prefix_ids, torch.Tensor) else answer_prefix_ids
+    rows = []
+    for b, (row, n) in enumerate(zip(plan.tokens.tolist(), plan.lengths.tolist(), strict=True)):
+        steps = row[:n]
+        if steps and steps[-1] in stops:
+            steps = steps[:-1]
+        rows.append(input_ids[b][mask[b]].tolist() + steps + list(tail or ()))
+    ids, answer_mask = left_pad(rows, pad_id=0, device=input_ids.device)
+    answer_seed = None if seed is None else seed + 1
+    answer = generate(
+        ids, answer_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, seed=answer_seed, **kwargs
+    )
+    return PlanAnswerOutput(plan, answer, ids, answer_mask)
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _on_device(device: torch.device):
-    """``torch.cuda.device(device)`` for a CUDA device, else nothing to switch."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _on_side_stream(fn) -> None:
-    """Run ``fn`` on a side stream (PyTorch's recipe for warming up before a graph capture)."""
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        fn()
-    current.wait_stream(side)
-
-
-def _capture(fn, generator: torch.Generator | None) -> torch.cuda.CUDAGraph:
-    """``fn`` recorded into a CUDA graph on the current device (it does not run now: replay it)."""
-    graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        graph.register_generator_state(generator)
-    # A capture stream of the current device: torch.cuda.graph's default one is created once, on
-    # whichever device was current at the first capture of the process.
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-        fn()
-    return graph

@@ -1,35 +1,17 @@
 """``DiffusionPlanner``: LLaDA-style masked-diffusion generation on the fast ops.
 
-The algorithm is LLaDA's (:func:`hybridkernels.reference.llada_generate`, the spec): the
-generation starts fully masked and is denoised window by window (blocks of ``block_length``, or
-the whole generation with ``schedule="parallel"``); every step runs the model, proposes a token
-for every masked position of the window and commits the most confident ones. What changes is
-how a step is computed:
-
-* The LM head runs only on the window's rows, through the fused path of
-  :func:`hybridkernels.ops.unmask_step` (``hidden`` + ``lm_head``): no ``[B, L, V]`` logits.
-* Classifier-free guidance combines the final hidden states, ``h_u + (s + 1) (h_c - h_u)``, before
-  the (linear) LM head: the same logits as LLaDA's ``u + (s + 1) (c - u)``, up to rounding.
-* ``cache="dual"`` (Fast-dLLM's dual cache): a full forward at each window start fills one K/V
-  buffer per layer over the whole sequence (:class:`DiffusionKVCache`); the other steps of the
-  window run the model on the window's tokens only and attend to the buffer, the prompt, finished
-  blocks and masked suffix as of the refresh. ``cache="prefix"``: the same, but those steps attend
-  only up to the window's end (the masked suffix is dropped, not recomputed). ``cache_refresh=n``
-  also refreshes every ``n`` steps inside a window (``1``: every step is a full forward, which
-  gives exactly the no-cache result).
-* On CUDA the step (forward + guidance + unmask) is captured in a CUDA graph per shape and
-  replayed; the window's position is a device tensor of slots, so one graph serves every block.
-  The eager path runs the same function.
-
-At temperature 0 and without a cache, the tokens equal ``llada_generate``'s (same model, same
-arguments; ``remasking="random"`` draws its ranks exactly as the reference does, from
-``generator``). Departures: the sampling noise at temperature > 0 is the op's (same distribution,
-other draws); steps that would commit nothing (``steps / num_blocks > block_length``) are skipped.
+The algorithm is LLaDA's (:func:`hybridkernels.reference.llada_generate`, the spec): the generation
+starts fully masked and is denoised window by window; each step runs the model, proposes a token for
+every masked position of the window and commits some of them. Which window and how many tokens a
+step commits is the :class:`~hybridkernels.schedules.Schedule`'s business (built from
+:class:`PlannerOptions`, or given); how a step is computed is this module's: the LM head fused into
+:func:`hybridkernels.ops.unmask_step` on the window's rows (no ``[B, L, V]`` logits), guidance on
+hidden states, Fast-dLLM's prefix / dual K/V cache, and CUDA-graph steps (see :meth:`_step`).
+At temperature 0 without a cache the tokens equal ``llada_generate``'s.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,15 +22,11 @@ import torch
 from .. import ops
 from ..ops._checks import skip_value_checks
 from ..reference.llada import check_token_ids
-from ..reference.unmask import get_num_transfer_tokens, rank_and_commit
-from ..schedules import ParallelForcedSchedule
+from ..reference.unmask import rank_and_commit
+from .cuda_graphs import StepGraphs
 from .diffusion_cache import DiffusionKVCache
+from .planner_options import WHERE, PlannerOptions
 from .transformer import Transformer, default_position_ids
-
-WHERE = "DiffusionPlanner.generate"
-CACHES = (None, "prefix", "dual")
-SCHEDULES = ("block", "parallel")
-REMASKING = ("low_confidence", "random")
 
 
 @dataclass
@@ -148,8 +126,7 @@ class _Workspace:
                 key_padding_mask=self.valid,
                 backend=planner.backend,
             )
-        self.graphs: dict = {}
-        self.pool = None
+        self.graphs = StepGraphs(device) if device.type == "cuda" else None
 
     def load(self, prompt: torch.Tensor, attention_mask: torch.Tensor | None, mask_id: int) -> None:
         B, Lp = prompt.shape
@@ -218,12 +195,21 @@ class DiffusionPlanner:
         self._workspace: _Workspace | None = None
 
     @classmethod
-    def from_pretrained(cls, path, *, backend: str | None = None, **kwargs) -> DiffusionPlanner:
-        """Load a LLaDA (or any Llama-family) checkpoint directory; ``kwargs`` go to
-        :meth:`Transformer.from_pretrained` (``dtype``, ``device``, ...)."""
-        return cls(
-            Transformer.from_pretrained(path, causal=False, backend=backend, **kwargs), backend=backend
-        )
+    def from_pretrained(
+        cls,
+        path,
+        *,
+        mask_id: int | None = None,
+        eos_id: int | None = None,
+        eot_id: int | None = None,
+        backend: str | None = None,
+        **kwargs,
+    ) -> DiffusionPlanner:
+        """Load a LLaDA (or any Llama-family) checkpoint directory. ``mask_id``/``eos_id``/``eot_id``
+        and ``backend`` as in the constructor; ``kwargs`` go to :meth:`Transformer.from_pretrained`
+        (``dtype``, ``device``, ...)."""
+        model = Transformer.from_pretrained(path, causal=False, backend=backend, **kwargs)
+        return cls(model, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, backend=backend)
 
     def release(self) -> None:
         """Free the cached buffers and CUDA graphs."""
@@ -231,35 +217,25 @@ class DiffusionPlanner:
 
     # ------------------------------------------------------------------------------ public API
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """Generate ``gen_length`` tokens after each prompt.
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        options: PlannerOptions | None = None,
+        *,
+        return_hidden: bool = False,
+        generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
+        **overrides,
+    ) -> PlannerOutput:
+        """Generate ``options.gen_length`` tokens after each prompt.
 
         Args:
             prompt_ids: int ``[B, Lp]`` token ids on the model's device, left-padded; must not
                 contain ``mask_id``.
             attention_mask: ``[B, Lp]`` bool or 0/1 (1 = real token, zeros first), or None.
-            gen_length: tokens to generate (default 128).
-            steps: denoising steps in total, split evenly over the windows (default 128).
-            block_length: window length; ``gen_length % block_length == 0``, ``steps`` a multiple of
-                the number of blocks. Default (None): ``gen_length``.
-            temperature: 0 = greedy; > 0 samples ``softmax(logits / temperature)`` (Gumbel-max).
-            cfg_scale: classifier-free guidance, LLaDA's rule (the unconditional pass has the
-                prompt set to ``mask_id``).
-            remasking: ``"low_confidence"`` or ``"random"`` (rank by a uniform draw).
-            threshold: Fast-dLLM: each step commits every masked position whose confidence is
-                ``>= threshold`` and at least the most confident one, until the window is done
-                (``steps`` then only has to divide evenly; at most ``block_length`` steps a window).
-            cache: None, ``"prefix"`` or ``"dual"`` (see the module docstring).
-            cache_refresh: with a cache, also refresh every ``cache_refresh`` steps in a window.
-            schedule: ``"block"`` (LLaDA's semi-autoregressive blocks) or ``"parallel"`` (NAP's
-                parallel-forced decoding: one window, the whole generation, at least ``parallel_k``
-                tokens per step, default ``gen_length // steps``; see
-                :class:`hybridkernels.schedules.ParallelForcedSchedule`).
-            eos_early_stop: after each window, a sequence whose generation so far ends in a run of
-                EOS that starts at its first EOS gets EOS in all later positions (LLaDA pads its
-                answers with EOS), and once every sequence is so, the remaining windows are skipped.
-            logits_eos_inf: EOS is never sampled. confidence_eos_eot_inf: EOS / EoT candidates
-                are committed last (both as in LLaDA).
+            options: :class:`PlannerOptions` (default ``PlannerOptions()``); ``overrides`` are any
+                of its fields, applied on top (``generate(ids, gen_length=64, cache="dual")``).
             return_hidden: also return the final hidden states of the generated positions.
             generator: randomness of ``temperature > 0`` and ``remasking="random"``.
             cuda_graph: capture the steps in CUDA graphs (default: on CUDA tensors, unless a
@@ -268,21 +244,34 @@ class DiffusionPlanner:
         Returns :class:`PlannerOutput` ``(tokens, hidden, stats, prompt_length)``.
         """
         started = time.perf_counter()
-        run = _Run(self, prompt_ids, attention_mask, **kwargs)
+        run = _Run(self, prompt_ids, attention_mask, _options(options, overrides), generator, cuda_graph)
         for _ in run.blocks():
             pass
-        return run.finish(started)
+        return run.finish(started, return_hidden)
 
     def generate_stream(
-        self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self,
+        prompt_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        options: PlannerOptions | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
+        **overrides,
     ) -> Iterator[PlannerBlock]:
-        """Same arguments as :meth:`generate` (``return_hidden`` excepted); yields a
-        :class:`PlannerBlock` after each window, e.g. to hand finished blocks downstream early.
-        Stopping the iteration stops the generation."""
-        if kwargs.get("return_hidden"):
+        """:meth:`generate` as a stream: yields a :class:`PlannerBlock` after each window, e.g. to
+        hand finished blocks downstream early. Stopping the iteration stops the generation."""
+        if overrides.get("return_hidden"):
             raise ValueError("DiffusionPlanner.generate_stream: return_hidden is only for generate()")
         with torch.no_grad():
-            run = _Run(self, prompt_ids, attention_mask, **kwargs)
+            run = _Run(
+                self,
+                prompt_ids,
+                attention_mask,
+                _options(options, overrides),
+                generator,
+                cuda_graph,
+            )
         blocks = run.blocks()
         while True:
             with torch.no_grad():
@@ -295,9 +284,19 @@ class DiffusionPlanner:
     def _step(
         self, ws: _Workspace, key: _StepKey, full: bool, slots: torch.Tensor, key_length: int, generator
     ):
-        """One denoising step on the window ``slots``: forward (all positions when ``full``, else
-        the window's, against the cache), guidance, fused LM head + commit into ``ws.x``. Reads and
-        writes only ``ws``'s tensors, so it can be captured and replayed."""
+        """One denoising step on the window ``slots``: forward, guidance, fused LM head + commit
+        into ``ws.x``. Reads and writes only ``ws``'s tensors, so it can be captured and replayed
+        (the window's position is a device tensor of slots: one graph serves every block).
+
+        * No cache: a full forward over prompt + generation; the window's rows are kept.
+        * ``cache="dual"`` (Fast-dLLM's dual cache): a ``full`` step (a window's first, or every
+          ``cache_refresh``-th) fills one K/V buffer per layer over the whole sequence; the others
+          run the window's tokens only and attend the buffer: prompt, finished blocks and masked
+          suffix as of the refresh. ``cache="prefix"``: the same, attending up to ``key_length``
+          (the window's end).
+        * Guidance combines the final hidden states, ``h_u + (s + 1) (h_c - h_u)``, before the
+          (linear) LM head: LLaDA's ``u + (s + 1) (c - u)`` on logits, up to rounding.
+        """
         model, x, Lp = self.model, ws.x, ws.prompt_length
         ids = x
         if key.cfg_scale > 0:
@@ -353,210 +352,110 @@ class DiffusionPlanner:
     def _run_step(
         self, ws: _Workspace, key: _StepKey, full, slots, key_length, generator, graphs: bool
     ) -> bool:
-        """Run one step eagerly, or from a CUDA graph (captured at the second step of a shape: the
-        first, eager, one compiles and autotunes the kernels). Returns whether it replayed."""
+        """Run one step eagerly, or through the workspace's CUDA graphs (:class:`StepGraphs`).
+        Returns whether it replayed a graph."""
         if not graphs:
             self._step(ws, key, full, slots, key_length, generator)
             return False
         # Only a cached (not full) step reads key_length; keying the others on it would give the
         # prefix cache's refreshes one graph per block, each never replayed.
         gkey = (key, full, slots.numel(), key_length if ws.kv is not None and not full else None)
-        graph = ws.graphs.get(gkey)
-        if graph is None:
-            ws.graphs[gkey] = "warm"
-            self._step(ws, key, full, slots, key_length, generator)
-            return False
-        if graph == "warm":
-            # On the workspace's device: torch.cuda.graph's default capture stream lives on
-            # whichever device was current at the process's first capture.
-            with torch.cuda.device(ws.x.device):
-                if ws.pool is None:
-                    ws.pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                # Nothing a step allocates outlives it, so the graphs of a workspace share one pool.
-                with torch.cuda.graph(graph, pool=ws.pool, stream=torch.cuda.Stream()):
-                    self._step(ws, key, full, slots, key_length, generator)
-            ws.graphs[gkey] = graph
-        graph.replay()
-        return True
+        return ws.graphs.run(gkey, lambda: self._step(ws, key, full, slots, key_length, generator))
 
 
 class _Run:
-    """One generation: checked arguments, the workspace, and the window loop."""
+    """One generation: checked arguments, the workspace, and the window loop over the schedule."""
 
-    def __init__(
-        self,
-        planner: DiffusionPlanner,
-        prompt_ids,
-        attention_mask=None,
-        *,
-        gen_length: int = 128,
-        steps: int = 128,
-        block_length: int | None = None,
-        temperature: float = 0.0,
-        cfg_scale: float = 0.0,
-        remasking: str = "low_confidence",
-        threshold: float | None = None,
-        cache: str | None = None,
-        cache_refresh: int | None = None,
-        schedule: str = "block",
-        parallel_k: int | None = None,
-        eos_early_stop: bool = False,
-        logits_eos_inf: bool = False,
-        confidence_eos_eot_inf: bool = False,
-        return_hidden: bool = False,
-        generator: torch.Generator | None = None,
-        cuda_graph: bool | None = None,
-    ):
+    def __init__(self, planner, prompt_ids, attention_mask, options: PlannerOptions, generator, cuda_graph):
         self.planner = p = planner
-        block_length = gen_length if block_length is None and _is_int(gen_length) else block_length
+        o = self.options = options
         _check_prompt(prompt_ids, attention_mask, p.model, p.mask_id)
-        for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{WHERE}: {name} must be a positive int, got {value!r}")
-        if gen_length % block_length:
-            raise ValueError(
-                f"{WHERE}: gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
-            )
-        for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ValueError(f"{WHERE}: {name} must be a finite number >= 0, got {value!r}")
-        if remasking not in REMASKING:
-            raise ValueError(f"{WHERE}: remasking must be one of {REMASKING}, got {remasking!r}")
-        if cache not in CACHES:
-            raise ValueError(f"{WHERE}: cache must be one of {CACHES}, got {cache!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"{WHERE}: schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold)
+        for option, ids in (
+            ("logits_eos_inf", ("eos_id",)),
+            ("eos_early_stop", ("eos_id",)),
+            ("confidence_eos_eot_inf", ("eos_id", "eot_id")),
         ):
-            raise ValueError(f"{WHERE}: threshold must be a number or None, got {threshold!r}")
-        if cache_refresh is not None and (not _is_int(cache_refresh) or cache_refresh <= 0):
-            raise ValueError(f"{WHERE}: cache_refresh must be a positive int or None, got {cache_refresh!r}")
-        if cache_refresh is not None and cache is None:
-            raise ValueError(f"{WHERE}: cache_refresh needs cache='prefix' or 'dual'")
-        if schedule == "parallel":
-            if block_length != gen_length:
-                raise ValueError(
-                    f"{WHERE}: schedule='parallel' denoises the whole generation at once; leave "
-                    f"block_length None or equal to gen_length ({gen_length}), got {block_length}"
-                )
-            if threshold is not None:
-                raise ValueError(f"{WHERE}: give threshold or schedule='parallel', not both")
-            if steps > gen_length:
-                raise ValueError(
-                    f"{WHERE}: schedule='parallel' needs steps <= gen_length ({gen_length}), got {steps}"
-                )
-            parallel_k = max(1, gen_length // steps) if parallel_k is None else parallel_k
-        elif parallel_k is not None:
-            raise ValueError(f"{WHERE}: parallel_k is only for schedule='parallel'")
-        self.num_windows = gen_length // block_length
-        if steps % self.num_windows:
-            raise ValueError(
-                f"{WHERE}: steps ({steps}) must be a multiple of the number of blocks "
-                f"({self.num_windows} = gen_length / block_length)"
-            )
-        for option, on, ids in (
-            ("logits_eos_inf", logits_eos_inf, ("eos_id",)),
-            ("eos_early_stop", eos_early_stop, ("eos_id",)),
-            ("confidence_eos_eot_inf", confidence_eos_eot_inf, ("eos_id", "eot_id")),
-        ):
-            missing = [name for name in ids if on and getattr(p, name) is None]
+            missing = [name for name in ids if getattr(o, option) and getattr(p, name) is None]
             if missing:
                 raise ValueError(
                     f"{WHERE}: {option} needs the planner's {missing[0]} (pass it to DiffusionPlanner)"
                 )
-        banned = (p.eos_id,) if logits_eos_inf else ()
-        deferred = tuple(sorted({p.eos_id, p.eot_id})) if confidence_eos_eot_inf else ()
+        B, Lp = prompt_ids.shape
+        self.schedule = o.make_schedule(Lp)
 
         device = p.model.device
-        randomness = temperature > 0 or remasking == "random"
         if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and not (randomness and generator is not None)
+            cuda_graph = device.type == "cuda" and not (o.randomness and generator is not None)
         elif cuda_graph and device.type != "cuda":
             raise ValueError(f"{WHERE}: cuda_graph=True needs the model on a CUDA device, it is on {device}")
-        elif cuda_graph and randomness and generator is not None:
+        elif cuda_graph and o.randomness and generator is not None:
             raise ValueError(
                 f"{WHERE}: cuda_graph=True replays random draws from torch's default generator; "
                 "pass generator=None (seed with torch.manual_seed) or cuda_graph=False"
             )
+        self.B, self.Lp = B, Lp
+        self.banned = (p.eos_id,) if o.logits_eos_inf else ()
+        self.deferred = tuple(sorted({p.eos_id, p.eot_id})) if o.confidence_eos_eot_inf else ()
+        self.generator, self.use_graphs = generator, bool(cuda_graph)
 
-        B, Lp = prompt_ids.shape
-        self.B, self.Lp, self.G, self.block_length = B, Lp, gen_length, block_length
-        self.steps_per_window = steps // self.num_windows
-        self.key = _StepKey(float(temperature), float(cfg_scale), remasking, threshold, banned, deferred)
-        self.cache, self.cache_refresh, self.schedule = cache, cache_refresh, schedule
-        self.eos_early_stop, self.return_hidden = eos_early_stop, return_hidden
-        self.generator, self.graphs, self.randomness = generator, bool(cuda_graph), randomness
-        self.parallel = (
-            ParallelForcedSchedule(Lp, gen_length, parallel_k, steps) if schedule == "parallel" else None
-        )
-
-        ws_key = (B, Lp, gen_length, attention_mask is not None, cfg_scale > 0, cache, device)
+        has_mask, cfg = attention_mask is not None, o.cfg_scale > 0
+        ws_key = (B, Lp, o.gen_length, has_mask, cfg, o.cache, device)
         if p._workspace is None or p._workspace.key != ws_key:
             p._workspace = None  # free the old buffers before allocating new ones
-            p._workspace = _Workspace(
-                p, B, Lp, gen_length, attention_mask is not None, cfg_scale > 0, cache, device
-            )
+            p._workspace = _Workspace(p, B, Lp, o.gen_length, has_mask, cfg, o.cache, device)
         self.ws = ws = p._workspace
         ws.load(prompt_ids, attention_mask, p.mask_id)
-        if deferred and deferred not in ws.deferred_ids:
-            ws.deferred_ids[deferred] = torch.tensor(deferred, device=device)
+        if self.deferred and self.deferred not in ws.deferred_ids:
+            ws.deferred_ids[self.deferred] = torch.tensor(self.deferred, device=device)
         self.committed: list[torch.Tensor] = []
         self.forward_passes = self.refreshes = self.skipped = self.replays = 0
 
+    def step_key(self, threshold: float | None) -> _StepKey:
+        o = self.options
+        return _StepKey(
+            float(o.temperature), float(o.cfg_scale), o.remasking, threshold, self.banned, self.deferred
+        )
+
     def blocks(self) -> Iterator[PlannerBlock]:
-        ws, x, Lp, mask_id = self.ws, self.ws.x, self.Lp, self.planner.mask_id
-        for index in range(self.num_windows):
-            start, stop = Lp + index * self.block_length, Lp + (index + 1) * self.block_length
+        ws, x, Lp, mask_id, o = self.ws, self.ws.x, self.Lp, self.planner.mask_id, self.options
+        sched = self.schedule
+        for stage in range(sched.num_stages):
+            start, stop = sched.window(stage)
             first = start
             if start > Lp:
                 first, all_done = self._between_windows(start)
                 if all_done:
-                    self.skipped = self.num_windows - index
+                    self.skipped = sched.num_stages - stage
                     return
-            # A position the model filled with mask_id stays masked and stays committable (as in
-            # LLaDA): the window then reaches back to it.
-            slots = ws.window(first, stop)
-            key_length = stop if self.cache == "prefix" else ws.length
-            if self.parallel is None:
-                table = get_num_transfer_tokens(x[:, start:stop] == mask_id, self.steps_per_window)
-                n_steps = stop - first if self.key.threshold is not None else self.steps_per_window
-                # Steps that commit nothing (more steps than masks) are skipped, unless they
-                # would consume random draws.
-                active = table.any(dim=0).tolist() if not self.randomness else [True] * n_steps
-            else:
-                n_steps, active = self.parallel.steps, None
-            window_steps = 0
-            for i in range(n_steps):
-                if self.key.threshold is not None:
-                    if not bool((x[:, first:stop] == mask_id).any()):
-                        break
-                elif self.parallel is not None:
-                    ws.num_transfer.copy_(self.parallel.plan(x, mask_id, 0, i).num_transfer)
-                elif not active[i]:
-                    continue
-                else:
-                    ws.num_transfer.copy_(table[:, i])
+            key_length = stop if o.cache == "prefix" else ws.length
+            rows, slots, window_steps = None, None, 0
+            # Steps that commit nothing are skipped, unless they would consume random draws.
+            for plan in sched.stage_plans(x, mask_id, stage, first=first, skip_idle=not o.randomness):
+                if (plan.start, plan.stop) != rows:
+                    rows, slots = (plan.start, plan.stop), ws.window(plan.start, plan.stop)
+                if plan.num_transfer is not None:
+                    ws.num_transfer.copy_(plan.num_transfer)
                 full = (
-                    self.cache is None
+                    o.cache is None
                     or window_steps == 0
-                    or (self.cache_refresh is not None and window_steps % self.cache_refresh == 0)
+                    or (o.cache_refresh is not None and window_steps % o.cache_refresh == 0)
                 )
                 with skip_value_checks():  # the counts are valid by construction: no host sync
                     replayed = self.planner._run_step(
-                        ws, self.key, full, slots, key_length, self.generator, self.graphs
+                        ws,
+                        self.step_key(plan.threshold),
+                        full,
+                        slots,
+                        key_length,
+                        self.generator,
+                        self.use_graphs,
                     )
                 window_steps += 1
                 self.replays += replayed
-                self.refreshes += full and self.cache is not None
+                self.refreshes += full and o.cache is not None
                 self.committed.append(ws.count.clone())
             self.forward_passes += window_steps
-            yield PlannerBlock(index, start, stop, x)
+            yield PlannerBlock(stage, start, stop, x)
 
     def _between_windows(self, start: int) -> tuple[int, bool]:
         """One host sync before a window: the first still-masked generated position (stale masks),
@@ -564,17 +463,17 @@ class _Run:
         x, Lp, mask_id = self.ws.x, self.Lp, self.planner.mask_id
         stale = (x[:, Lp:start] == mask_id).any(dim=0)
         stale_at = torch.where(stale.any(), stale.int().argmax() + Lp, start)
-        if not self.eos_early_stop:
+        if not self.options.eos_early_stop:
             return int(stale_at), False
         done = _ends_in_eos(x[:, Lp:start], self.planner.eos_id)
         x[:, start:].masked_fill_(done[:, None], self.planner.eos_id)
         first, all_done = torch.stack([stale_at, done.all().long()]).tolist()
         return first, bool(all_done)
 
-    def finish(self, started: float) -> PlannerOutput:
+    def finish(self, started: float, return_hidden: bool) -> PlannerOutput:
         ws = self.ws
         hidden = None
-        if self.return_hidden:
+        if return_hidden:
             out = self.planner.model(
                 ws.x,
                 None if ws.valid is None else ws.valid[: self.B],
@@ -601,10 +500,6 @@ class _Run:
             seconds=time.perf_counter() - started,
         )
         return PlannerOutput(tokens, hidden, stats, self.Lp)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _ends_in_eos(gen: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -651,3 +546,11 @@ def _check_prompt(prompt, attention_mask, model: Transformer, mask_id: int) -> N
         raise ValueError(f"{WHERE}: prompt row {row} is empty (all padding)")
     if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
         raise ValueError(f"{WHERE}: attention_mask must be left padding (zeros, then ones, per row)")
+
+
+def _options(options: PlannerOptions | None, overrides: dict) -> PlannerOptions:
+    if options is None:
+        options = PlannerOptions()
+    elif not isinstance(options, PlannerOptions):
+        raise TypeError(f"{WHERE}: options must be a PlannerOptions, got {type(options).__name__}")
+    return options.replace(**overrides) if overrides else options

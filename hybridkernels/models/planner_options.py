@@ -1,0 +1,167 @@
+"""``PlannerOptions``: how :meth:`DiffusionPlanner.generate` decodes, validated on construction.
+
+The options that pick the decoding rule (``steps``, ``block_length``, ``threshold``, ``schedule``,
+``parallel_k``) become one :class:`~hybridkernels.schedules.Schedule` (:meth:`make_schedule`); the
+planner's window loop drives whichever schedule it gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..schedules import LLaDASchedule, ParallelForcedSchedule, Schedule, ThresholdSchedule
+
+WHERE = "DiffusionPlanner.generate"
+CACHES = (None, "prefix", "dual")
+SCHEDULES = ("block", "parallel")
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerOptions:
+    """Decoding options of :meth:`DiffusionPlanner.generate` (LLaDA's names where LLaDA has one).
+
+    gen_length: tokens to generate.
+    steps: denoising steps in total, split evenly over the windows.
+    block_length: window length; ``gen_length % block_length == 0`` and ``steps`` a multiple of the
+        number of blocks. None: ``gen_length`` (one window).
+    temperature: 0 = greedy; > 0 samples ``softmax(logits / temperature)`` (Gumbel-max).
+    cfg_scale: classifier-free guidance, LLaDA's rule (the unconditional pass has the prompt set to
+        ``mask_id``).
+    remasking: ``"low_confidence"`` or ``"random"`` (rank by a uniform draw).
+    threshold: Fast-dLLM's parallel decoding: each step commits every masked position whose
+        confidence is ``>= threshold`` and at least the most confident one, until the window is done
+        (at most ``block_length`` steps a window; ``steps`` then only has to divide evenly).
+    cache: None, ``"prefix"`` or ``"dual"`` (Fast-dLLM's K/V caches; see :mod:`.planner`).
+    cache_refresh: with a cache, also refresh every ``cache_refresh`` steps inside a window.
+    schedule: ``"block"`` (LLaDA's semi-autoregressive blocks), ``"parallel"`` (NAP's
+        parallel-forced decoding: one window, the whole generation, at least ``parallel_k`` tokens
+        per step, default ``gen_length // steps``), or a :class:`~hybridkernels.schedules.Schedule`
+        to drive as it is (its ``gen_start`` the prompt length, its ``gen_len`` ``gen_length``;
+        ``steps``, ``block_length`` and ``threshold`` are then the schedule's business).
+    eos_early_stop: after each window, a sequence whose generation so far ends in a run of EOS
+        that starts at its first EOS gets EOS in all later positions (LLaDA pads its answers with
+        EOS); once every sequence is so, the remaining windows are skipped.
+    logits_eos_inf: EOS is never sampled. confidence_eos_eot_inf: EOS / EoT candidates are
+        committed last (both as in LLaDA).
+    """
+
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int | None = None
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    cache: str | None = None
+    cache_refresh: int | None = None
+    schedule: str | Schedule = "block"
+    parallel_k: int | None = None
+    eos_early_stop: bool = False
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+
+    def __post_init__(self):
+        for name in ("gen_length", "steps"):
+            _positive_int(name, getattr(self, name))
+        if self.block_length is not None:
+            _positive_int("block_length", self.block_length)
+        if self.gen_length % self.window_length:
+            raise ValueError(
+                f"{WHERE}: gen_length ({self.gen_length}) must be a multiple of block_length "
+                f"({self.block_length})"
+            )
+        for name in ("temperature", "cfg_scale"):
+            value = getattr(self, name)
+            if not _is_number(value) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{WHERE}: {name} must be a finite number >= 0, got {value!r}")
+        _one_of("remasking", self.remasking, REMASKING)
+        _one_of("cache", self.cache, CACHES)
+        if not isinstance(self.schedule, Schedule):
+            _one_of("schedule", self.schedule, SCHEDULES)
+        elif self.schedule.gen_len != self.gen_length:
+            raise ValueError(
+                f"{WHERE}: the schedule generates {self.schedule.gen_len} tokens, "
+                f"gen_length is {self.gen_length}"
+            )
+        if self.threshold is not None and (not _is_number(self.threshold) or math.isnan(self.threshold)):
+            raise ValueError(f"{WHERE}: threshold must be a number or None, got {self.threshold!r}")
+        if self.cache_refresh is not None:
+            _positive_int("cache_refresh", self.cache_refresh)
+            if self.cache is None:
+                raise ValueError(f"{WHERE}: cache_refresh needs cache='prefix' or 'dual'")
+        for name in ("eos_early_stop", "logits_eos_inf", "confidence_eos_eot_inf"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{WHERE}: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.schedule == "parallel":
+            if self.window_length != self.gen_length:
+                raise ValueError(
+                    f"{WHERE}: schedule='parallel' denoises the whole generation at once; leave "
+                    f"block_length None or equal to gen_length ({self.gen_length}), got {self.block_length}"
+                )
+            if self.threshold is not None:
+                raise ValueError(f"{WHERE}: give threshold or schedule='parallel', not both")
+            if self.steps > self.gen_length:
+                raise ValueError(
+                    f"{WHERE}: schedule='parallel' needs steps <= gen_length ({self.gen_length}), "
+                    f"got {self.steps}"
+                )
+            if self.parallel_k is not None:
+                _positive_int("parallel_k", self.parallel_k)
+        elif self.parallel_k is not None:
+            raise ValueError(f"{WHERE}: parallel_k is only for schedule='parallel'")
+        num_windows = self.gen_length // self.window_length
+        if self.steps % num_windows:
+            raise ValueError(
+                f"{WHERE}: steps ({self.steps}) must be a multiple of the number of blocks "
+                f"({num_windows} = gen_length / block_length)"
+            )
+
+    @property
+    def window_length(self) -> int:
+        """``block_length``, or ``gen_length`` when it is None."""
+        return self.gen_length if self.block_length is None else self.block_length
+
+    @property
+    def randomness(self) -> bool:
+        """Whether a step draws random numbers (sampling or random remasking)."""
+        return self.temperature > 0 or self.remasking == "random"
+
+    def replace(self, **changes) -> PlannerOptions:
+        """A copy with ``changes`` (validated); ``TypeError`` naming an unknown option."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            known = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"{WHERE}: unknown option(s) {unknown}; PlannerOptions has {known}")
+        return dataclasses.replace(self, **changes)
+
+    def make_schedule(self, gen_start: int) -> Schedule:
+        """The decoding rule over ``x[:, gen_start : gen_start + gen_length]``."""
+        if isinstance(self.schedule, Schedule):
+            if self.schedule.gen_start != gen_start:
+                raise ValueError(
+                    f"{WHERE}: the schedule starts at position {self.schedule.gen_start}, the generation "
+                    f"at {gen_start} (the prompt length)"
+                )
+            return self.schedule
+        if self.schedule == "parallel":
+            k = max(1, self.gen_length // self.steps) if self.parallel_k is None else self.parallel_k
+            return ParallelForcedSchedule(gen_start, self.gen_length, k, self.steps)
+        if self.threshold is not None:
+            return ThresholdSchedule(gen_start, self.gen_length, self.window_length, self.threshold)
+        return LLaDASchedule(gen_start, self.gen_length, self.window_length, self.steps)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{WHERE}: {name} must be a positive int, got {value!r}")
+
+
+def _one_of(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{WHERE}: {name} must be one of {choices}, got {value!r}")
