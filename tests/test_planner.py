@@ -6,10 +6,18 @@ import pytest
 import torch
 from conftest import HAS_CUDA, requires_cuda
 
-from hybridkernels.models import DiffusionKVCache, DiffusionPlanner, Transformer, TransformerConfig
+from hybridkernels.models import (
+    DiffusionKVCache,
+    DiffusionPlanner,
+    PlannerOptions,
+    Transformer,
+    TransformerConfig,
+    save_pretrained,
+)
 from hybridkernels.models.planner import _ends_in_eos
 from hybridkernels.ops._dispatch import triton_unavailable_reason
 from hybridkernels.reference import llada_generate
+from hybridkernels.schedules import FixedKSchedule
 
 V, MASK, EOS, EOT = 128, 127, 5, 6
 LP = 7  # prompt length
@@ -365,3 +373,48 @@ def test_input_errors():
         DiffusionPlanner(model, mask_id=V)
     with pytest.raises(TypeError, match="model must be a Transformer"):
         DiffusionPlanner(lambda x: x)
+
+
+def test_options_object_and_overrides():
+    """``generate(ids, mask, PlannerOptions(...))`` equals the keyword form; overrides apply on
+    top; an unknown option is a TypeError naming it."""
+    model = tiny()
+    prompt, mask = prompts()
+    planner = DiffusionPlanner(model)
+    opts = PlannerOptions(gen_length=16, steps=8, block_length=8)
+    by_object = planner.generate(prompt, mask, opts)
+    by_keywords = planner.generate(prompt, mask, gen_length=16, steps=8, block_length=8)
+    assert torch.equal(by_object.tokens, by_keywords.tokens)
+    assert torch.equal(planner.generate(prompt, mask, opts, steps=16).tokens, planner.generate(
+        prompt, mask, gen_length=16, steps=16, block_length=8).tokens)  # fmt: skip
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['stepz'\]"):
+        planner.generate(prompt, mask, opts, stepz=4)
+    with pytest.raises(TypeError, match="options must be a PlannerOptions"):
+        planner.generate(prompt, mask, {"gen_length": 16})
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        PlannerOptions(gen_length=16, block_length=5)
+
+
+def test_a_schedule_object_drives_the_window_loop():
+    """A Schedule given as ``schedule=`` is what the loop runs: FixedKSchedule(k=2) over blocks of 8
+    commits what LLaDA's split of 8 masks over 4 steps commits, step for step."""
+    model = tiny()
+    prompt, mask = prompts()
+    planner = DiffusionPlanner(model)
+    fixed = planner.generate(prompt, mask, gen_length=16, schedule=FixedKSchedule(LP, 16, 8, k=2))
+    llada = planner.generate(prompt, mask, gen_length=16, steps=8, block_length=8)
+    assert torch.equal(fixed.tokens, llada.tokens)
+    assert fixed.stats.steps == 8 and (fixed.stats.committed == 2).all()
+    with pytest.raises(ValueError, match="the schedule starts at position 3"):
+        planner.generate(prompt, mask, gen_length=16, schedule=FixedKSchedule(3, 16, 8, k=2))
+    with pytest.raises(ValueError, match="the schedule generates 8 tokens"):
+        planner.generate(prompt, mask, gen_length=16, schedule=FixedKSchedule(LP, 8, 8, k=2))
+
+
+def test_from_pretrained_takes_the_constructor_ids(tmp_path):
+    model = tiny()
+    save_pretrained(model, tmp_path, names="llada")
+    planner = DiffusionPlanner.from_pretrained(
+        tmp_path, mask_id=MASK - 1, eos_id=EOS + 1, eot_id=EOT, backend="reference"
+    )
+    assert (planner.mask_id, planner.eos_id, planner.eot_id) == (MASK - 1, EOS + 1, EOT)

@@ -20,6 +20,7 @@ __all__ = [
     "PlanAnswerOutput",
     "KVCacheHook",
     "PlannerBlock",
+    "PlannerOptions",
     "PlannerOutput",
     "PlannerStats",
     "Transformer",
