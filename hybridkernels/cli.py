@@ -1,4 +1,9 @@
-"""``hybridkernels`` command line: ``info`` (what was built and what will run)."""
+"""``hybridkernels`` command line.
+
+``info``: what was built and which backend each op will use; ``bench``: the naive loops against
+the fast paths (:mod:`hybridkernels.bench`); ``generate``: answer questions with a hybrid pipeline;
+``train-projector``: fit the latent projector on question/answer pairs.
+"""
 
 from __future__ import annotations
 
@@ -17,32 +22,11 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _op_backends(device_types: list[str]) -> dict[str, dict[str, str]]:
-    import torch
-
-    from .ops._dispatch import choose_backend
-
-    table = {}
-    for name in ("attention", "unmask", "decode", "kv_append"):
-        # import_module: `hybridkernels.ops.kv_append` the attribute is the function, not the module
-        module = importlib.import_module(f"hybridkernels.ops.{name}")
-        row = {}
-        for dev in device_types:
-            try:
-                row[dev] = choose_backend(
-                    module.OP, None, torch.device(dev), tuple(module.IMPLEMENTATIONS), module.AUTO_ORDER
-                )
-            except ValueError as exc:  # HYBRIDKERNELS_BACKEND names a backend that cannot run here
-                row[dev] = f"error: {exc}"
-        table[module.OP] = row
-    return table
-
-
 def collect_info() -> dict:
     """Everything ``hybridkernels info`` prints, as a dict."""
     import torch
 
-    from . import __version__, _cuda
+    from . import __version__, _cuda, ops
 
     gpus = []
     if torch.cuda.is_available():
@@ -76,7 +60,7 @@ def collect_info() -> dict:
         "gpus": gpus,
         "backend_env": os.environ.get("HYBRIDKERNELS_BACKEND", "auto"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-        "op_backends": _op_backends(["cpu", "cuda"]),
+        "op_backends": ops.backend_table(("cpu", "cuda")),
     }
 
 

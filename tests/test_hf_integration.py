@@ -81,15 +81,15 @@ def test_logits_equal_sdpa(family):
 
 
 def test_calls_our_op(monkeypatch):
-    """The registered function really dispatches to ops.bidirectional_attention."""
+    """The registered function really dispatches to ops.attention."""
     calls = []
-    real = hk_hf.ops.bidirectional_attention
+    real = hk_hf.ops.attention
 
     def spy(q, k, v, **kw):
         calls.append((tuple(q.shape), kw["causal"], kw["key_padding_mask"] is not None))
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(hk_hf.ops, "bidirectional_attention", spy)
+    monkeypatch.setattr(hk_hf.ops, "attention", spy)
     model = twin(hf_model("llama"), "hybridkernels")
     ids, mask = inputs(B=2, L=5)
     with torch.no_grad():

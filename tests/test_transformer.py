@@ -90,7 +90,7 @@ BACKENDS = ["reference", "triton"]
 
 
 def skip_missing(backend):
-    if backend not in ops.attention.IMPLEMENTATIONS:
+    if backend not in ops.OP_BACKENDS["bidirectional_attention"].implementations:
         pytest.skip(f"bidirectional_attention has no {backend} backend yet")
 
 

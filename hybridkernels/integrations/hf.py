@@ -12,7 +12,7 @@ Two ways in, as with flash-attn and Liger-Kernel::
 
 :func:`attention_forward` follows transformers' attention-interface contract: ``query [B, Hq,
 Lq, D]``, ``key``/``value`` ``[B, Hkv, Lk, D]`` (the cache's keys when decoding), returns
-``(out [B, Lq, Hq, D], None)``. It calls :func:`hybridkernels.ops.bidirectional_attention`
+``(out [B, Lq, Hq, D], None)``. It calls :func:`hybridkernels.ops.attention`
 (Triton on a GPU, the reference on the CPU; SDPA when autograd records, so training works) with
 ``causal`` aligned to the end of the keys and a ``[B, Lk]`` key padding mask. Under the name
 ``"hybridkernels"`` transformers (>= 4.53) hands it the 2-D padding mask through the mask function
@@ -33,8 +33,6 @@ import weakref
 import torch
 
 from .. import ops
-from ..ops._checks import HEAD_DIMS
-from ..ops.attention import sdpa_attention
 
 NAME = "hybridkernels"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -53,7 +51,7 @@ def attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function running :func:`ops.bidirectional_attention`.
+    """transformers attention-interface function running :func:`ops.attention`.
 
     ``attention_mask``: None, a bool / 0-1 ``[B, Lm]`` padding mask (``Lm <= Lk``: a static cache's
     unused tail slots are dropped, as transformers' flash-attention path does), or a 4-D bool /
@@ -88,11 +86,11 @@ def attention_forward(
             k, v = k[:, : padding.shape[1]], v[:, : padding.shape[1]]
     if padding is not None:
         padding = padding.to(q.device)
-    if q.shape[-1] not in HEAD_DIMS:
-        _warn_once(f"head_dim {q.shape[-1]} is not one of {HEAD_DIMS}: running torch SDPA instead")
-        out = sdpa_attention(q, k, v, key_padding_mask=padding, causal=causal, scale=scaling)
+    if q.shape[-1] not in ops.HEAD_DIMS:
+        _warn_once(f"head_dim {q.shape[-1]} is not one of {ops.HEAD_DIMS}: running torch SDPA instead")
+        out = ops.sdpa_attention(q, k, v, key_padding_mask=padding, causal=causal, scale=scaling)
     else:
-        out = ops.bidirectional_attention(q, k, v, key_padding_mask=padding, causal=causal, scale=scaling)
+        out = ops.attention(q, k, v, key_padding_mask=padding, causal=causal, scale=scaling)
     return out, None
 
 

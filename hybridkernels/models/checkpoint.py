@@ -1,4 +1,8 @@
-"""Weights in and out of :class:`~hybridkernels.models.transformer.Transformer`.
+"""Checkpoints of the Llama-family stack: name schemes, safetensors files, ``config.json``.
+
+Knows the model only through its config and its parameter shapes (no import of the model class:
+:mod:`hybridkernels.models.transformer` builds on this module, and
+:mod:`hybridkernels.models.loading` joins the two).
 
 Two checkpoint naming schemes map onto the model's own (HF Llama names without ``model.``):
 
@@ -22,10 +26,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .config import TransformerConfig
-from .transformer import Transformer
 
 NAME_SCHEMES = ("hf", "llada")
 INDEX_FILE = "model.safetensors.index.json"
@@ -99,17 +101,18 @@ def _listing(title: str, items: list[str]) -> str:
 def map_state_dict(
     tensors: Mapping[str, torch.Tensor],
     config: TransformerConfig,
+    expected: Mapping[str, tuple[int, ...]],
     *,
     names: str = "auto",
     source: str = "checkpoint",
 ) -> dict[str, torch.Tensor]:
-    """Rename checkpoint ``tensors`` to our names and check them against ``config``.
+    """Rename checkpoint ``tensors`` to our names and check them against ``expected`` (our
+    parameter name -> shape, for ``config``).
 
     Raises ``ValueError`` listing every unknown name, missing parameter and wrong shape. A tied
     model accepts an ``lm_head.weight`` only if it equals the embedding (HF state dicts list it).
     """
     scheme = detect_scheme(tensors) if names == "auto" else names
-    expected = _expected_shapes(config)
     mapped: dict[str, torch.Tensor] = {}
     unknown, shapes, misshapen = [], [], set()
     for name, tensor in tensors.items():
@@ -160,28 +163,6 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.to(b.device), b)
 
 
-def _expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
-    model = Transformer(config, device="meta")
-    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
-
-
-def build_model(
-    config: TransformerConfig,
-    state: Mapping[str, torch.Tensor],
-    *,
-    dtype: torch.dtype | None,
-    device,
-    causal: bool | None = None,
-    backend: str | None = None,
-) -> Transformer:
-    """A :class:`Transformer` holding ``state`` (our names, already checked), cast to
-    ``dtype``/``device``. Tensors already in that dtype and device are used without a copy."""
-    model = Transformer(config, device="meta", causal=causal, backend=backend)
-    state = {n: t.detach().to(device=device, dtype=dtype) for n, t in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
 # --------------------------------------------------------------------------- directories
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every ``(name, tensor)`` of the ``*.safetensors`` in ``path`` (the index's shards when
@@ -216,66 +197,20 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise ValueError(f"{index}: tensors listed but absent from the shards: {absent[:MAX_LISTED]}")
 
 
-def load_pretrained(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    device=None,
-    causal: bool | None = None,
-    backend: str | None = None,
-    names: str = "auto",
-    config_overrides: Mapping | None = None,
-) -> Transformer:
-    """Load a local checkpoint directory: ``config.json`` + ``*.safetensors`` (sharded or not).
-
-    ``dtype`` default: the embedding's dtype in the checkpoint; ``device`` default CPU;
-    ``causal`` default: the config's (False for LLaDA); ``names``: ``"auto"`` (from the tensor
-    names), ``"hf"`` or ``"llada"``.
-    """
+def read_config(path: str | Path, overrides: Mapping | None = None) -> TransformerConfig:
+    """The :class:`TransformerConfig` of checkpoint directory ``path`` (its ``config.json``)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"load_pretrained: {path} has no config.json")
-    config = TransformerConfig.from_dict(
-        json.loads((path / "config.json").read_text()), **(config_overrides or {})
-    )
-    tensors = dict(iter_safetensors(path))
-    state = map_state_dict(tensors, config, names=names, source=str(path))
-    if dtype is None:
-        dtype = state["embed_tokens.weight"].dtype
-    return build_model(config, state, dtype=dtype, device=device or "cpu", causal=causal, backend=backend)
-
-
-def load_hf_model(
-    hf_model: nn.Module,
-    *,
-    dtype: torch.dtype | None = None,
-    device=None,
-    causal: bool | None = None,
-    backend: str | None = None,
-) -> Transformer:
-    """A :class:`Transformer` with the weights of an in-memory HF model (``LlamaForCausalLM``,
-    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, a LLaDA remote-code model, ...). Weights already
-    in the requested dtype/device are shared, not copied."""
-    config = TransformerConfig.from_dict(hf_model.config.to_dict())
-    state = hf_model.state_dict()
-    first = next(iter(state.values()))
-    mapped = map_state_dict(state, config, source=type(hf_model).__name__)
-    return build_model(
-        config,
-        mapped,
-        dtype=dtype or first.dtype,
-        device=device or first.device,
-        causal=causal,
-        backend=backend,
-    )
+    return TransformerConfig.from_dict(json.loads((path / "config.json").read_text()), **(overrides or {}))
 
 
 def save_pretrained(
-    model: Transformer, path: str | Path, *, names: str = "hf", max_shard_bytes: int | None = None
+    model, path: str | Path, *, names: str = "hf", max_shard_bytes: int | None = None
 ) -> None:
-    """Write ``config.json`` and safetensors under ``names`` (``"hf"``: HF names and the model
-    family's config; ``"llada"``: LLaDA names and config). ``max_shard_bytes`` splits the weights
-    into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``."""
+    """Write a Transformer's ``config.json`` and safetensors under ``names`` (``"hf"``: HF names
+    and the model family's config; ``"llada"``: LLaDA names and config). ``max_shard_bytes`` splits
+    the weights into ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
 
     if names not in NAME_SCHEMES:

@@ -13,8 +13,19 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..reference.llada import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID
+from ..common import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID
+from ..validation import check_choice, check_positive_int
 
+WHERE = "TransformerConfig"
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llada")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -55,10 +66,8 @@ class TransformerConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("num_kv_heads", self.num_kv_heads)
-        _positive_int("head_dim", self.head_dim)
+        for name in _SIZES:
+            check_positive_int(WHERE, name, getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"TransformerConfig: num_heads ({self.num_heads}) must be a multiple of "
@@ -66,8 +75,7 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"TransformerConfig: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.family not in FAMILIES:
-            raise ValueError(f"TransformerConfig: family must be one of {FAMILIES}, got {self.family!r}")
+        check_choice(WHERE, "family", self.family, FAMILIES)
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"TransformerConfig: rope_theta must be > 0, got {self.rope_theta}")
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
@@ -182,11 +190,6 @@ class TransformerConfig:
             "eos_token_id": self.eos_token_ids[0] if self.eos_token_ids else LLADA_EOS_ID,
             "init_std": self.initializer_range,
         }
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
 
 
 def _normalize_rope_scaling(scaling, max_positions: int) -> dict | None:

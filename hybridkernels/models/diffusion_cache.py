@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..validation import renamed
 
 
 class DiffusionKVCache:
@@ -40,6 +41,7 @@ class DiffusionKVCache:
         dtype: torch.dtype,
         device: torch.device,
         key_padding_mask: torch.Tensor | None = None,
+        attention_backend: str | None = None,
         backend: str | None = None,
     ):
         shape = (batch, length, num_kv_heads, head_dim)
@@ -51,7 +53,9 @@ class DiffusionKVCache:
                 f"got {tuple(key_padding_mask.shape)}"
             )
         self.key_padding_mask = key_padding_mask
-        self.backend = backend
+        self.attention_backend = renamed(
+            "DiffusionKVCache", "attention_backend", attention_backend, "backend", backend
+        )
         self.length = length
         self.slots: torch.Tensor | None = None
         self.key_length = length
@@ -77,4 +81,4 @@ class DiffusionKVCache:
         mask = None if self.key_padding_mask is None else self.key_padding_mask[:, :n]
         if n < self.length:
             kb, vb = kb[:, :n], vb[:, :n]
-        return ops.bidirectional_attention(q, kb, vb, key_padding_mask=mask, backend=self.backend)
+        return ops.attention(q, kb, vb, key_padding_mask=mask, backend=self.attention_backend)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..validation import renamed
 
 
 class StaticKVCache:
@@ -56,7 +57,8 @@ class PrefillHook:
     the end, so no mask is needed for the valid queries), writing each layer's keys and values to
     slots ``0 .. T-1`` of every cache row. With ``repeats = n`` the call's row ``b`` fills cache
     rows ``b * n .. b * n + n - 1`` (one prefill serves ``n`` samples). ``attention_backend``
-    goes to the causal attention op, ``cache_backend`` to ``kv_append``."""
+    goes to the causal attention op, ``decode_backend`` to ``kv_append`` (``cache_backend`` is
+    its deprecated name)."""
 
     def __init__(
         self,
@@ -64,10 +66,14 @@ class PrefillHook:
         *,
         repeats: int = 1,
         attention_backend: str | None = None,
+        decode_backend: str | None = None,
         cache_backend: str | None = None,
     ):
         self.cache, self.repeats = cache, repeats
-        self.attention_backend, self.cache_backend = attention_backend, cache_backend
+        self.attention_backend = attention_backend
+        self.decode_backend = renamed(
+            "PrefillHook", "decode_backend", decode_backend, "cache_backend", cache_backend
+        )
         self.positions = torch.zeros(cache.batch, dtype=torch.int32, device=cache.k.device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -80,9 +86,9 @@ class PrefillHook:
             k_rows,
             v_rows,
             self.positions,
-            backend=self.cache_backend,
+            backend=self.decode_backend,
         )
-        return ops.bidirectional_attention(q, k, v, causal=True, backend=self.attention_backend)
+        return ops.attention(q, k, v, causal=True, backend=self.attention_backend)
 
 
 class DecodeHook:
@@ -90,7 +96,8 @@ class DecodeHook:
     over the row's first ``cache_lens[b]`` slots (``append_at + 1``, set by the caller before the
     forward), after a shared ``prefix`` cache of ``prefix_len`` tokens when given (cascade: one
     copy of the prompt serves every row). ``append_at`` / ``cache_lens`` are int32 ``[B]`` device
-    buffers the caller updates in place, so the same hook serves every step of a CUDA graph."""
+    buffers the caller updates in place, so the same hook serves every step of a CUDA graph.
+    ``decode_backend`` (formerly ``backend``) goes to both ops."""
 
     def __init__(
         self,
@@ -100,18 +107,20 @@ class DecodeHook:
         *,
         prefix: StaticKVCache | None = None,
         prefix_len: int = 0,
+        decode_backend: str | None = None,
         backend: str | None = None,
     ):
         self.cache, self.append_at, self.cache_lens = cache, append_at, cache_lens
-        self.prefix, self.prefix_len, self.backend = prefix, prefix_len, backend
+        self.prefix, self.prefix_len = prefix, prefix_len
+        self.decode_backend = renamed("DecodeHook", "decode_backend", decode_backend, "backend", backend)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        ops.kv_append(k_cache, v_cache, k, v, self.append_at, backend=self.backend)
+        ops.kv_append(k_cache, v_cache, k, v, self.append_at, backend=self.decode_backend)
         prefix = None
         if self.prefix is not None:
             prefix = (self.prefix.k[layer, 0], self.prefix.v[layer, 0], self.prefix_len)
         out = ops.decode_attention(
-            q[:, 0], k_cache, v_cache, self.cache_lens, prefix=prefix, backend=self.backend
+            q[:, 0], k_cache, v_cache, self.cache_lens, prefix=prefix, backend=self.decode_backend
         )
         return out[:, None]

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..validation import check_choice, check_number, check_positive_int
+
+WHERE = "ProjectorConfig"
 POOLING = ("none", "mean", "stride")
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
 MODEL_TYPE = "hybridkernels_latent_projector"
@@ -56,26 +58,18 @@ class ProjectorConfig:
 
     def __post_init__(self):
         for name in ("planner_dim", "executor_dim", "num_layers", "pool_stride"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(WHERE, name, getattr(self, name))
         if self.hidden_dim is None:
             self.hidden_dim = max(self.planner_dim, self.executor_dim)
-        _positive_int("hidden_dim", self.hidden_dim)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"ProjectorConfig: activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        if self.pool not in POOLING:
-            raise ValueError(f"ProjectorConfig: pool must be one of {POOLING}, got {self.pool!r}")
+        check_positive_int(WHERE, "hidden_dim", self.hidden_dim)
+        check_choice(WHERE, "activation", self.activation, tuple(ACTIVATIONS))
+        check_choice(WHERE, "pool", self.pool, POOLING)
         if self.pool == "none" and self.pool_stride != 1:
             raise ValueError("ProjectorConfig: pool_stride > 1 needs pool='mean' or pool='stride'")
         if self.target_norm is not None:
-            if not (isinstance(self.target_norm, (int, float)) and math.isfinite(self.target_norm)):
-                raise ValueError(
-                    f"ProjectorConfig: target_norm must be a finite number, got {self.target_norm!r}"
-                )
+            self.target_norm = check_number(WHERE, "target_norm", self.target_norm)
             if self.target_norm <= 0:
                 raise ValueError(f"ProjectorConfig: target_norm must be > 0, got {self.target_norm}")
-            self.target_norm = float(self.target_norm)
 
     def num_prefix(self, plan_len: int) -> int:
         """Prefix vectors out of ``plan_len`` plan positions: ``ceil(plan_len / pool_stride)``."""
@@ -95,11 +89,6 @@ class ProjectorConfig:
         if unknown:
             raise ValueError(f"ProjectorConfig.from_dict: unknown keys {unknown}")
         return cls(**{k: v for k, v in d.items() if k in fields})
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"ProjectorConfig: {name} must be a positive int, got {value!r}")
 
 
 def pool_positions(hidden: torch.Tensor, pool: str, stride: int) -> torch.Tensor:

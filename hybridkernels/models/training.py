@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..validation import check_choice, check_int_at_least
 from .projector import LatentProjector, check_projector_fits, model_of
 from .prompting import PromptTemplates, encode, encode_prompts, load_tokenizer
 
@@ -327,13 +328,12 @@ def train_projector(
         ("batch_size", batch_size, 1),
         ("keep_checkpoints", keep_checkpoints, 1),
     ):
-        _check_int(name, value, low)
+        check_int_at_least(WHERE, name, value, low)
     for name, value in (("steps", steps), ("checkpoint_every", checkpoint_every)):
         if value is not None:
-            _check_int(name, value, 1)
-    _check_int("warmup_steps", warmup_steps, 0)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{WHERE}: schedule must be one of {SCHEDULES}, got {schedule!r}")
+            check_int_at_least(WHERE, name, value, 1)
+    check_int_at_least(WHERE, "warmup_steps", warmup_steps, 0)
+    check_choice(WHERE, "schedule", schedule, SCHEDULES)
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"{WHERE}: lr must be > 0, got {lr!r}")
     if resume and checkpoint_dir is None and not isinstance(resume, (str, Path)):
@@ -443,11 +443,6 @@ def _load_checkpoint(path: Path, projector, optimizer, state: dict) -> tuple[int
         torch.load(path / OPTIMIZER_FILE, map_location=projector.device, weights_only=True)
     )
     return int(saved["step"]), list(saved.get("losses", []))
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{WHERE}: {name} must be an int >= {low}, got {value!r}")
 
 
 __all__ = [

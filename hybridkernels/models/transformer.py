@@ -2,12 +2,13 @@
 
 RMSNorm, RoPE (HF rotate-half convention, ``default`` / ``linear`` / ``llama3`` frequencies), GQA,
 SwiGLU MLP, optional Qwen2 q/k/v biases and Qwen3 q/k norms, tied or untied LM head. Attention
-goes through :func:`hybridkernels.ops.bidirectional_attention` (flash layout ``[B, L, H, D]``);
-the model holds no kernels of its own.
+goes through :func:`hybridkernels.ops.attention` (flash layout ``[B, L, H, D]``); the model holds
+no kernels of its own. ``attention_backend`` picks that op's backend (``backend=`` is its former
+name, still accepted).
 
 Parameter names follow HF Llama without the ``model.`` prefix (``embed_tokens.weight``,
 ``layers.N.self_attn.q_proj.weight``, ..., ``norm.weight``, ``lm_head.weight``); the name maps
-for HF and LLaDA checkpoints live in :mod:`hybridkernels.models.loading`.
+for HF and LLaDA checkpoints live in :mod:`hybridkernels.models.checkpoint`.
 
 Caching contract (used by the planner's prefix / dual cache and the executor's static cache):
 
@@ -16,7 +17,7 @@ Caching contract (used by the planner's prefix / dual cache and the executor's s
 * ``forward(..., kv_cache=hook)`` hands attention to ``hook.attend(layer, q, k, v)`` in every
   layer: ``q [B, T, Hq, D]`` and ``k``/``v [B, T, Hkv, D]`` (post-RoPE) are this call's tokens; the
   hook stores ``k``/``v`` where it wants (``ops.kv_append``, or overwriting the block's slots of a
-  full buffer), attends over whatever keys it holds (``ops.bidirectional_attention`` /
+  full buffer), attends over whatever keys it holds (``ops.attention`` /
   ``ops.decode_attention``) and returns ``[B, T, Hq, D]``. With a hook, ``position_ids`` must be
   given, and ``attention_mask``/``causal`` are the hook's business.
 """
@@ -24,6 +25,7 @@ Caching contract (used by the planner's prefix / dual cache and the executor's s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..reference.llada import check_token_ids
+from ..validation import check_attention_mask, check_token_ids, renamed
+from . import checkpoint
 from .config import TransformerConfig
 
 
@@ -118,7 +121,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, *, key_padding_mask, causal, kv_cache, backend):
+    def forward(self, x, cos, sin, *, key_padding_mask, causal, kv_cache, attention_backend):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
@@ -129,8 +132,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             out = kv_cache.attend(self.layer, q, k, v)
         else:
-            out = ops.bidirectional_attention(
-                q, k, v, key_padding_mask=key_padding_mask, causal=causal, backend=backend
+            out = ops.attention(
+                q, k, v, key_padding_mask=key_padding_mask, causal=causal, backend=attention_backend
             )
         return self.o_proj(out.reshape(B, L, -1)), (k, v)
 
@@ -179,8 +182,9 @@ class Transformer(nn.Module):
     Build with random weights (``Transformer(config)``, then :meth:`reset_parameters`), from a
     checkpoint directory (:meth:`from_pretrained`) or from an in-memory HF model (:meth:`from_hf`).
 
-    ``backend`` is the default attention backend (``"triton"``, ``"reference"``, None = auto);
-    ``causal`` defaults to ``config.causal``.
+    ``attention_backend`` is the default backend of :func:`hybridkernels.ops.attention`
+    (``"triton"``, ``"reference"``, None = auto; ``backend`` is its deprecated alias); ``causal``
+    defaults to ``config.causal``.
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         causal: bool | None = None,
+        attention_backend: str | None = None,
         backend: str | None = None,
     ):
         super().__init__()
@@ -197,7 +202,9 @@ class Transformer(nn.Module):
             raise TypeError(f"Transformer: config must be a TransformerConfig, got {type(config).__name__}")
         self.config = config
         self.causal = config.causal if causal is None else bool(causal)
-        self.backend = backend
+        self.attention_backend = renamed(
+            "Transformer", "attention_backend", attention_backend, "backend", backend
+        )
         kw = dict(device=device, dtype=dtype)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
         self.layers = nn.ModuleList(Block(config, i, **kw) for i in range(config.num_layers))
@@ -213,28 +220,86 @@ class Transformer(nn.Module):
             self.reset_parameters()
 
     # ------------------------------------------------------------------ construction helpers
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> Transformer:
-        """Load ``config.json`` + ``*.safetensors`` (sharded or not) from a local directory.
+    @property
+    def backend(self) -> str | None:
+        """Deprecated alias of :attr:`attention_backend`."""
+        return self.attention_backend
 
-        Keyword arguments: ``dtype``, ``device``, ``causal``, ``backend``, ``names``
-        (``"auto"``/``"hf"``/``"llada"``), ``config_overrides`` (dict). See
-        :func:`hybridkernels.models.loading.load_pretrained`.
-        """
-        from .loading import load_pretrained
-
-        return load_pretrained(path, **kwargs)
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.attention_backend = value
 
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, **kwargs) -> Transformer:
-        """Copy the weights of an in-memory HF model (Llama / Qwen2 / Qwen3 / LLaDA remote code).
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device=None,
+        causal: bool | None = None,
+        attention_backend: str | None = None,
+        names: str = "auto",
+        config_overrides: Mapping | None = None,
+        backend: str | None = None,
+    ) -> Transformer:
+        """Load a local checkpoint directory: ``config.json`` + ``*.safetensors`` (sharded or not).
 
-        Keyword arguments: ``dtype`` and ``device`` (default: the HF model's), ``causal``,
-        ``backend``. See :func:`hybridkernels.models.loading.load_hf_model`.
+        ``dtype`` default: the embedding's dtype in the checkpoint; ``device`` default CPU;
+        ``causal`` default: the config's (False for LLaDA); ``names``: ``"auto"`` (from the tensor
+        names), ``"hf"`` or ``"llada"``; ``config_overrides``: config fields to replace;
+        ``backend``: deprecated alias of ``attention_backend``.
         """
-        from .loading import load_hf_model
+        attention_backend = renamed(
+            "Transformer.from_pretrained", "attention_backend", attention_backend, "backend", backend
+        )
+        config = checkpoint.read_config(path, config_overrides)
+        tensors = dict(checkpoint.iter_safetensors(path))
+        state = checkpoint.map_state_dict(
+            tensors, config, parameter_shapes(config), names=names, source=str(path)
+        )
+        if dtype is None:
+            dtype = state["embed_tokens.weight"].dtype
+        return build_model(
+            config,
+            state,
+            dtype=dtype,
+            device=device or "cpu",
+            causal=causal,
+            attention_backend=attention_backend,
+        )
 
-        return load_hf_model(hf_model, **kwargs)
+    @classmethod
+    def from_hf(
+        cls,
+        hf_model: nn.Module,
+        *,
+        dtype: torch.dtype | None = None,
+        device=None,
+        causal: bool | None = None,
+        attention_backend: str | None = None,
+        backend: str | None = None,
+    ) -> Transformer:
+        """A :class:`Transformer` with the weights of an in-memory HF model (``LlamaForCausalLM``,
+        ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, a LLaDA remote-code model, ...). ``dtype`` and
+        ``device`` default to the HF model's; weights already there are shared, not copied.
+        ``backend``: deprecated alias of ``attention_backend``."""
+        attention_backend = renamed(
+            "Transformer.from_hf", "attention_backend", attention_backend, "backend", backend
+        )
+        config = TransformerConfig.from_dict(hf_model.config.to_dict())
+        state = hf_model.state_dict()
+        first = next(iter(state.values()))
+        mapped = checkpoint.map_state_dict(
+            state, config, parameter_shapes(config), source=type(hf_model).__name__
+        )
+        return build_model(
+            config,
+            mapped,
+            dtype=dtype or first.dtype,
+            device=device or first.device,
+            causal=causal,
+            attention_backend=attention_backend,
+        )
 
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None, generator: torch.Generator | None = None):
@@ -292,6 +357,7 @@ class Transformer(nn.Module):
         kv_cache: KVCacheHook | None = None,
         return_kv: bool = False,
         compute_logits: bool = True,
+        attention_backend: str | None = None,
         backend: str | None = None,
     ) -> TransformerOutput:
         """Run the stack.
@@ -307,10 +373,14 @@ class Transformer(nn.Module):
             return_kv: also return every layer's post-RoPE ``(k, v)`` of these positions.
             compute_logits: apply the LM head to every position (else ``logits`` is None; use
                 :meth:`logits` on the rows you need).
-            backend: attention backend for this call (default: the model's).
+            attention_backend: attention backend for this call (default: the model's);
+                ``backend`` is its deprecated alias.
 
         Returns a :class:`TransformerOutput` (``.logits``, ``.hidden``, ``.kv``).
         """
+        attention_backend = renamed(
+            "Transformer.forward", "attention_backend", attention_backend, "backend", backend
+        )
         x = self._input_embeddings(input_ids, inputs_embeds)
         B, L, _ = x.shape
         if kv_cache is not None and not callable(getattr(kv_cache, "attend", None)):
@@ -330,7 +400,7 @@ class Transformer(nn.Module):
             key_padding_mask=mask,
             causal=self.causal if causal is None else bool(causal),
             kv_cache=kv_cache,
-            backend=backend if backend is not None else self.backend,
+            attention_backend=self.attention_backend if attention_backend is None else attention_backend,
         )
         kvs = [] if return_kv else None
         for block in self.layers:
@@ -362,16 +432,7 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _key_padding_mask(mask, B, L, device):
-        if mask is None:
-            return None
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L):
-            raise ValueError(
-                f"Transformer.forward: attention_mask must be [B, L] = [{B}, {L}], got "
-                f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
-            )
-        if mask.device != device:
-            raise ValueError(f"Transformer.forward: attention_mask is on {mask.device}, inputs on {device}")
-        return mask if mask.dtype == torch.bool else mask != 0
+        return None if mask is None else check_attention_mask("Transformer.forward", mask, (B, L), device)
 
     @staticmethod
     def _check_positions(position_ids, B, L, device):
@@ -389,3 +450,26 @@ class Transformer(nn.Module):
                 f"Transformer.forward: position_ids is on {position_ids.device}, inputs on {device}"
             )
         return position_ids
+
+
+def parameter_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter name -> shape for a model of ``config`` (built on the meta device)."""
+    model = Transformer(config, device="meta")
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
+def build_model(
+    config: TransformerConfig,
+    state: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None,
+    device,
+    causal: bool | None = None,
+    attention_backend: str | None = None,
+) -> Transformer:
+    """A :class:`Transformer` holding ``state`` (our names, already checked), cast to
+    ``dtype``/``device``. Tensors already in that dtype and device are used without a copy."""
+    model = Transformer(config, device="meta", causal=causal, attention_backend=attention_backend)
+    state = {n: t.detach().to(device=device, dtype=dtype) for n, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -1,15 +1,15 @@
-"""``bidirectional_attention``: the planner's (non-causal) and the executor's prefill attention."""
+"""``attention``: the planner's non-causal attention and the executor's causal prefill, one op
+(``bidirectional_attention`` is its former name, kept as an alias)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_head_dim, check_same_dtype, check_shape, check_tensor
-from ._dispatch import choose_backend
+from ._checks import FLOAT_DTYPES, check_head_dim, check_same_dtype, check_scale, check_shape, check_tensor
+from ._dispatch import OpBackends
 
+# The op's name in messages and in ``hybridkernels info`` (its name before ``attention``).
 OP = "bidirectional_attention"
 
 
@@ -65,12 +65,15 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
-# backend name -> implementation with the reference's signature.
-IMPLEMENTATIONS = {"triton": _triton_attention, "reference": reference.bidirectional_attention}
-AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
+DISPATCH = OpBackends(
+    OP,
+    {"triton": _triton_attention, "reference": reference.bidirectional_attention},
+    {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+)
+IMPLEMENTATIONS, AUTO_ORDER = DISPATCH.implementations, DISPATCH.auto_order
 
 
-def bidirectional_attention(
+def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -81,7 +84,8 @@ def bidirectional_attention(
     return_lse: bool = False,
     backend: str | None = None,
 ):
-    """Multi-head softmax attention, all keys visible (or causal), flash-attn layout.
+    """Multi-head softmax attention, all keys visible (the planner) or causal (a prefill),
+    flash-attn layout.
 
     The Triton kernel is forward-only (inference). When autograd is recording and q, k or v
     requires grad, a non-reference backend is replaced by :func:`sdpa_attention`
@@ -122,10 +126,9 @@ def bidirectional_attention(
     if key_padding_mask is not None:
         check_tensor(OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q.device)
         check_shape(OP, "key_padding_mask", key_padding_mask, (B, Lk), "[B, Lk]")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+    check_scale(OP, scale)
 
-    name = choose_backend(OP, backend, q.device, tuple(IMPLEMENTATIONS), AUTO_ORDER)
+    name = DISPATCH.choose(backend, q.device)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     impl = sdpa_attention if needs_grad and name != "reference" else IMPLEMENTATIONS[name]
     return impl(
@@ -137,3 +140,6 @@ def bidirectional_attention(
         scale=scale,
         return_lse=return_lse,
     )
+
+
+bidirectional_attention = attention  # the former name

@@ -1,61 +1,46 @@
-"""Argument checks shared by the ops. Errors name the argument and what was expected."""
+"""What the ops check beyond :mod:`hybridkernels.validation`: dtypes and head dims of the
+contracts, the value-check switch (checks that sync with the device), and ``unmask_step``'s
+argument rules."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+
+from ..validation import (
+    check_choice,
+    check_int,
+    check_number,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _VALUE_CHECKS = contextvars.ContextVar("hybridkernels_value_checks", default=True)
 
-
-def _names(dtypes: Iterable[torch.dtype]) -> str:
-    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
-
-
-def check_tensor(
-    op: str,
-    name: str,
-    t,
-    *,
-    ndim: int | None = None,
-    dtypes: Iterable[torch.dtype] | None = None,
-    device: torch.device | None = None,
-    contiguous_last: bool = False,
-) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in tuple(dtypes):
-        raise TypeError(f"{op}: {name} must have dtype in ({_names(dtypes)}), got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (like the other inputs)")
-    if contiguous_last and t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(
-            f"{op}: {name} must have a contiguous last dimension (stride 1), got strides "
-            f"{tuple(t.stride())}; call .contiguous()"
-        )
-
-
-def check_same_dtype(op: str, reference_name: str, reference: torch.Tensor, **others) -> None:
-    for name, t in others.items():
-        if t is not None and t.dtype != reference.dtype:
-            raise TypeError(
-                f"{op}: {name} has dtype {t.dtype} but {reference_name} has {reference.dtype}; "
-                "they must match"
-            )
-
-
-def check_shape(op: str, name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{op}: {name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
+__all__ = [
+    "FLOAT_DTYPES",
+    "HEAD_DIMS",
+    "INDEX_DTYPES",
+    "check_head_dim",
+    "check_op_int",
+    "check_same_dtype",
+    "check_scale",
+    "check_shape",
+    "check_tensor",
+    "check_unmask_args",
+    "skip_value_checks",
+    "value_checks_enabled",
+]
 
 
 def check_head_dim(op: str, d: int, supported=HEAD_DIMS) -> None:
@@ -63,17 +48,15 @@ def check_head_dim(op: str, d: int, supported=HEAD_DIMS) -> None:
         raise ValueError(f"{op}: head_dim {d} is not supported (supported: {supported})")
 
 
-def check_int(op: str, name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-            value = int(value)
-        else:
-            raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if low is not None and value < low or high is not None and value > high:
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"{op}: {name} = {value} is outside [{lo}, {hi}]")
-    return value
+def check_op_int(op: str, name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """:func:`~hybridkernels.validation.check_int` that also takes one-element integer tensors."""
+    return check_int(op, name, value, low=low, high=high, allow_tensor=True)
+
+
+def check_scale(op: str, scale) -> None:
+    """``scale`` is None (``1 / sqrt(D)``) or a finite number."""
+    if scale is not None:
+        check_number(op, "scale", scale)
 
 
 def value_checks_enabled() -> bool:
@@ -100,3 +83,121 @@ def skip_value_checks() -> Iterator[None]:
         yield
     finally:
         _VALUE_CHECKS.reset(token)
+
+
+# --------------------------------------------------------------------------- unmask_step
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass(frozen=True)
+class UnmaskArgs:
+    """``unmask_step``'s arguments after :func:`check_unmask_args`: what every backend takes."""
+
+    mask_id: int
+    start: int
+    num_transfer: torch.Tensor | None
+    threshold: float | None
+    temperature: float
+    remasking: str
+    banned_token_ids: tuple[int, ...]
+    deferred_token_ids: tuple[int, ...]
+    generator: torch.Generator | None
+
+    def backend_kwargs(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+def _unmask_scores_shape(op, x, logits, hidden, lm_head) -> tuple[int, int]:
+    """``(Lr, V)`` of the scores: ``logits [B, Lr, V]`` or ``hidden [B, Lr, d]`` + ``lm_head [V, d]``."""
+    B, dev = x.shape[0], x.device
+    if (logits is None) == (hidden is None and lm_head is None):
+        raise ValueError(f"{op}: give either logits or hidden + lm_head, not both or neither")
+    if logits is not None:
+        check_tensor(op, "logits", logits, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
+        Lr, V = logits.shape[1], logits.shape[2]
+        check_shape(op, "logits", logits, (B, Lr, V), "[B, Lr, V]")
+        return Lr, V
+    if hidden is None or lm_head is None:
+        raise ValueError(f"{op}: the fused path needs both hidden and lm_head")
+    check_tensor(op, "hidden", hidden, ndim=3, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
+    check_tensor(op, "lm_head", lm_head, ndim=2, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
+    check_same_dtype(op, "hidden", hidden, lm_head=lm_head)
+    Lr, d = hidden.shape[1], hidden.shape[2]
+    check_shape(op, "hidden", hidden, (B, Lr, d), "[B, Lr, d]")
+    if lm_head.shape[1] != d:
+        raise ValueError(f"{op}: lm_head is [V, {lm_head.shape[1]}] but hidden's width is {d}")
+    return Lr, lm_head.shape[0]
+
+
+def _token_ids(op: str, name: str, ids: Sequence[int], vocab: int) -> tuple[int, ...]:
+    return tuple(check_op_int(op, f"{name}[{i}]", t, low=0, high=vocab - 1) for i, t in enumerate(ids))
+
+
+def _num_transfer(op, x, num_transfer, start: int, Lr: int, mask_id: int) -> torch.Tensor:
+    """``num_transfer`` as an index tensor ``[B]``, each ``0 <= n <=`` masked rows of its window."""
+    B, dev = x.shape[0], x.device
+    if isinstance(num_transfer, torch.Tensor):
+        check_tensor(op, "num_transfer", num_transfer, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+        check_shape(op, "num_transfer", num_transfer, (B,), "[B]")
+    else:
+        k = check_op_int(op, "num_transfer", num_transfer, low=0, high=Lr)
+        num_transfer = torch.full((B,), k, dtype=torch.int64, device=dev)
+    if value_checks_enabled():
+        masked = (x[:, start : start + Lr] == mask_id).sum(dim=1)
+        bad = (num_transfer < 0) | (num_transfer > masked)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{op}: num_transfer[{b}] = {int(num_transfer[b])} but sequence {b} has "
+                f"{int(masked[b])} masked positions in its window; expected 0 <= num_transfer <= that"
+            )
+    return num_transfer
+
+
+def check_unmask_args(
+    op: str,
+    x,
+    *,
+    mask_id,
+    logits,
+    hidden,
+    lm_head,
+    start,
+    num_transfer,
+    threshold,
+    temperature,
+    remasking,
+    banned_token_ids,
+    deferred_token_ids,
+    seed,
+    generator,
+) -> UnmaskArgs:
+    """Every check of ``unmask_step`` (see its docstring for the rules), in the order the op has
+    always made them; returns the normalised arguments."""
+    check_tensor(op, "x", x, ndim=2, dtypes=(torch.int64,))
+    L = x.shape[1]
+    Lr, V = _unmask_scores_shape(op, x, logits, hidden, lm_head)
+    if Lr == 0 or V == 0:
+        raise ValueError(f"{op}: empty scores (Lr = {Lr}, V = {V})")
+    start = check_op_int(op, "start", start, low=0, high=L - Lr)
+    mask_id = check_op_int(op, "mask_id", mask_id, low=0, high=V - 1)
+    banned = _token_ids(op, "banned_token_ids", banned_token_ids, V)
+    deferred = _token_ids(op, "deferred_token_ids", deferred_token_ids, V)
+    if len(set(banned)) == V:
+        raise ValueError(f"{op}: banned_token_ids covers the whole vocabulary (V = {V}); no token is left")
+    check_choice(op, "remasking", remasking, REMASKING)
+    temperature = check_number(op, "temperature", temperature, low=0)
+    if seed is not None and generator is not None:
+        raise ValueError(f"{op}: give seed or generator, not both")
+    if seed is not None:
+        generator = torch.Generator(x.device).manual_seed(check_op_int(op, "seed", seed, low=0))
+    if (num_transfer is None) == (threshold is None):
+        raise ValueError(f"{op}: give exactly one of num_transfer and threshold")
+    if threshold is not None:
+        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ValueError(f"{op}: threshold must be a number, got {threshold!r}")
+    else:
+        num_transfer = _num_transfer(op, x, num_transfer, start, Lr, mask_id)
+    return UnmaskArgs(
+        mask_id, start, num_transfer, threshold, temperature, remasking, banned, deferred, generator
+    )

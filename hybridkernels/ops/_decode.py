@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _cuda, reference
 from ._checks import (
     FLOAT_DTYPES,
     check_head_dim,
-    check_int,
+    check_op_int,
     check_same_dtype,
+    check_scale,
     check_shape,
     check_tensor,
     value_checks_enabled,
 )
-from ._dispatch import choose_backend
+from ._dispatch import OpBackends
 
 OP = "decode_attention"
 
-IMPLEMENTATIONS = {"cuda": _cuda.decode_attention, "reference": reference.decode_attention}
-AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cuda", "reference")}
+DISPATCH = OpBackends(
+    OP,
+    {"cuda": _cuda.decode_attention, "reference": reference.decode_attention},
+    {"cuda": ("cuda", "reference"), "cpu": ("cuda", "reference")},
+)
+IMPLEMENTATIONS, AUTO_ORDER = DISPATCH.implementations, DISPATCH.auto_order
 CUDA_HEAD_DIMS = (64, 128)
 
 
@@ -66,7 +69,7 @@ def decode_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, Hq]`` float32.
         backend: ``"cuda"`` (the ``_C`` extension: CUDA kernels on a GPU, its C++ path on the
-            CPU; ``D`` in {64, 128}), ``"triton"``, ``"reference"`` or None (env, then auto).
+            CPU; ``D`` in {64, 128}), ``"reference"`` or None (env, then auto).
 
     Returns ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
@@ -84,8 +87,7 @@ def decode_attention(
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"{OP}: q heads ({Hq}) must be a multiple of cache heads ({Hkv}) (GQA)")
     check_head_dim(OP, D)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{OP}: scale must be a finite number, got {scale!r}")
+    check_scale(OP, scale)
 
     prefix_len = 0
     if prefix is not None:
@@ -97,7 +99,7 @@ def decode_attention(
         check_same_dtype(OP, "q", q, prefix_k=kp, prefix_v=vp)
         check_shape(OP, "prefix k", kp, (kp.shape[0], Hkv, D), "[Lp, Hkv, D]")
         check_shape(OP, "prefix v", vp, kp.shape, "prefix k's shape")
-        prefix_len = check_int(OP, "prefix_len", prefix_len, low=0, high=kp.shape[0])
+        prefix_len = check_op_int(OP, "prefix_len", prefix_len, low=0, high=kp.shape[0])
         prefix = (kp, vp, prefix_len)
 
     if value_checks_enabled():
@@ -110,9 +112,7 @@ def decode_attention(
                 f"<= Lmax = {Lmax}" + ("" if prefix_len else " (a row must attend at least one key)")
             )
     tensors = [q, k_cache, v_cache] + ([prefix[0], prefix[1]] if prefix_len else [])
-    name = choose_backend(
-        OP, backend, dev, tuple(IMPLEMENTATIONS), AUTO_ORDER, {"cuda": _cuda_reason(D, tensors)}
-    )
+    name = DISPATCH.choose(backend, dev, {"cuda": _cuda_reason(D, tensors)})
     return IMPLEMENTATIONS[name](
         q, k_cache, v_cache, cache_lens, scale=scale, prefix=prefix, return_lse=return_lse
     )

@@ -9,17 +9,16 @@ by ``HYBRIDKERNELS_BACKEND`` ignores it (the variable is global); ``backend=`` i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..common import triton_interpreting
+
 BACKENDS = ("triton", "cuda", "reference")
 ENV_VAR = "HYBRIDKERNELS_BACKEND"
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -84,3 +83,35 @@ def choose_backend(
         if b in implemented and reason(b) is None:
             return b
     return "reference"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBackends:
+    """One op's backends: ``implementations`` (backend name -> function with the reference's
+    signature; a plain dict, so a test can swap an entry) and ``auto_order`` (device type ->
+    preference order of the automatic choice)."""
+
+    op: str
+    implementations: dict[str, Callable]
+    auto_order: Mapping[str, Sequence[str]]
+
+    def choose(
+        self,
+        requested: str | None,
+        device: torch.device,
+        extra_reasons: Mapping[str, str | None] | None = None,
+    ) -> str:
+        """:func:`choose_backend` for this op."""
+        return choose_backend(
+            self.op, requested, device, tuple(self.implementations), self.auto_order, extra_reasons
+        )
+
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "OpBackends",
+    "choose_backend",
+    "triton_interpreting",
+    "triton_unavailable_reason",
+]

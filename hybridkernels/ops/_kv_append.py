@@ -13,12 +13,16 @@ from ._checks import (
     check_tensor,
     value_checks_enabled,
 )
-from ._dispatch import choose_backend
+from ._dispatch import OpBackends
 
 OP = "kv_append"
 
-IMPLEMENTATIONS = {"cuda": _cuda.kv_append, "reference": reference.kv_append}
-AUTO_ORDER = {"cuda": ("cuda", "reference"), "cpu": ("cuda", "reference")}
+DISPATCH = OpBackends(
+    OP,
+    {"cuda": _cuda.kv_append, "reference": reference.kv_append},
+    {"cuda": ("cuda", "reference"), "cpu": ("cuda", "reference")},
+)
+IMPLEMENTATIONS, AUTO_ORDER = DISPATCH.implementations, DISPATCH.auto_order
 
 
 def kv_append(
@@ -94,7 +98,7 @@ def kv_append(
             _check_rope_positions(
                 positions if rope_positions is None else rope_positions, T, rope[0].shape[0]
             )
-    name = choose_backend(OP, backend, dev, tuple(IMPLEMENTATIONS), AUTO_ORDER)
+    name = DISPATCH.choose(backend, dev)
     if rope is None:
         IMPLEMENTATIONS[name](k_cache, v_cache, k_new, v_new, positions)
     else:

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from .. import reference
-from ..reference.unmask import UnmaskResult
-from ._checks import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    check_int,
-    check_same_dtype,
-    check_shape,
-    check_tensor,
-    value_checks_enabled,
-)
-from ._dispatch import choose_backend
+from ..common import UnmaskResult
+from ._checks import check_unmask_args
+from ._dispatch import OpBackends
 
 OP = "unmask_step"
-REMASKING = ("low_confidence", "random")
 
 
 def _triton_unmask_step(x, **kwargs) -> UnmaskResult:
@@ -31,12 +21,12 @@ def _triton_unmask_step(x, **kwargs) -> UnmaskResult:
     return triton_unmask_step(x, **kwargs)
 
 
-IMPLEMENTATIONS = {"triton": _triton_unmask_step, "reference": reference.unmask_step}
-AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("reference",)}
-
-
-def _token_ids(name: str, ids: Sequence[int], vocab: int) -> tuple[int, ...]:
-    return tuple(check_int(OP, f"{name}[{i}]", t, low=0, high=vocab - 1) for i, t in enumerate(ids))
+DISPATCH = OpBackends(
+    OP,
+    {"triton": _triton_unmask_step, "reference": reference.unmask_step},
+    {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+)
+IMPLEMENTATIONS, AUTO_ORDER = DISPATCH.implementations, DISPATCH.auto_order
 
 
 def unmask_step(
@@ -86,78 +76,23 @@ def unmask_step(
     confidence [B, Lr] float32)``. At temperature 0 every backend commits exactly what the
     reference commits; ties in confidence go to the lowest position.
     """
-    check_tensor(OP, "x", x, ndim=2, dtypes=(torch.int64,))
-    dev = x.device
-    B, L = x.shape
-    if (logits is None) == (hidden is None and lm_head is None):
-        raise ValueError(f"{OP}: give either logits or hidden + lm_head, not both or neither")
-    if logits is not None:
-        check_tensor(OP, "logits", logits, ndim=3, dtypes=FLOAT_DTYPES, device=dev)
-        Lr, V = logits.shape[1], logits.shape[2]
-        check_shape(OP, "logits", logits, (B, Lr, V), "[B, Lr, V]")
-    else:
-        if hidden is None or lm_head is None:
-            raise ValueError(f"{OP}: the fused path needs both hidden and lm_head")
-        check_tensor(OP, "hidden", hidden, ndim=3, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
-        check_tensor(OP, "lm_head", lm_head, ndim=2, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)
-        check_same_dtype(OP, "hidden", hidden, lm_head=lm_head)
-        Lr, d = hidden.shape[1], hidden.shape[2]
-        V = lm_head.shape[0]
-        check_shape(OP, "hidden", hidden, (B, Lr, d), "[B, Lr, d]")
-        if lm_head.shape[1] != d:
-            raise ValueError(f"{OP}: lm_head is [V, {lm_head.shape[1]}] but hidden's width is {d}")
-    if Lr == 0 or V == 0:
-        raise ValueError(f"{OP}: empty scores (Lr = {Lr}, V = {V})")
-    start = check_int(OP, "start", start, low=0, high=L - Lr)
-    mask_id = check_int(OP, "mask_id", mask_id, low=0, high=V - 1)
-    banned = _token_ids("banned_token_ids", banned_token_ids, V)
-    deferred = _token_ids("deferred_token_ids", deferred_token_ids, V)
-    if len(set(banned)) == V:
-        raise ValueError(f"{OP}: banned_token_ids covers the whole vocabulary (V = {V}); no token is left")
-    if remasking not in REMASKING:
-        raise ValueError(f"{OP}: remasking must be one of {REMASKING}, got {remasking!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"{OP}: temperature must be a finite number >= 0, got {temperature!r}")
-    if seed is not None and generator is not None:
-        raise ValueError(f"{OP}: give seed or generator, not both")
-    if seed is not None:
-        generator = torch.Generator(dev).manual_seed(check_int(OP, "seed", seed, low=0))
-
-    if (num_transfer is None) == (threshold is None):
-        raise ValueError(f"{OP}: give exactly one of num_transfer and threshold")
-    if threshold is not None:
-        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-            raise ValueError(f"{OP}: threshold must be a number, got {threshold!r}")
-    else:
-        if isinstance(num_transfer, torch.Tensor):
-            check_tensor(OP, "num_transfer", num_transfer, ndim=1, dtypes=INDEX_DTYPES, device=dev)
-            check_shape(OP, "num_transfer", num_transfer, (B,), "[B]")
-        else:
-            k = check_int(OP, "num_transfer", num_transfer, low=0, high=Lr)
-            num_transfer = torch.full((B,), k, dtype=torch.int64, device=dev)
-        if value_checks_enabled():
-            masked = (x[:, start : start + Lr] == mask_id).sum(dim=1)
-            bad = (num_transfer < 0) | (num_transfer > masked)
-            if bool(bad.any()):
-                b = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"{OP}: num_transfer[{b}] = {int(num_transfer[b])} but sequence {b} has "
-                    f"{int(masked[b])} masked positions in its window; expected 0 <= num_transfer <= that"
-                )
-
-    name = choose_backend(OP, backend, dev, tuple(IMPLEMENTATIONS), AUTO_ORDER)
-    return IMPLEMENTATIONS[name](
+    args = check_unmask_args(
+        OP,
         x,
+        mask_id=mask_id,
         logits=logits,
         hidden=hidden,
         lm_head=lm_head,
-        mask_id=mask_id,
         start=start,
         num_transfer=num_transfer,
         threshold=threshold,
-        temperature=float(temperature),
+        temperature=temperature,
         remasking=remasking,
-        banned_token_ids=banned,
-        deferred_token_ids=deferred,
+        banned_token_ids=banned_token_ids,
+        deferred_token_ids=deferred_token_ids,
+        seed=seed,
         generator=generator,
     )
+    name = DISPATCH.choose(backend, x.device)
+    impl = IMPLEMENTATIONS[name]
+    return UnmaskResult(*impl(x, logits=logits, hidden=hidden, lm_head=lm_head, **args.backend_kwargs()))
