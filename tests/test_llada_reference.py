@@ -195,7 +195,7 @@ def tiny_llada(seed=0):
             "mask_token_id": 63,
         }
     )
-    model = Transformer(config, backend="reference")
+    model = Transformer(config, attention_backend="reference")
     model.reset_parameters(std=0.3, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         model.lm_head_weight[63] = 0  # like a trained LLaDA, never predict [MASK]

@@ -98,7 +98,7 @@ def skip_missing(backend):
 @pytest.mark.parametrize("tied", [False, True])
 def test_bidirectional_matches_hf_llama_with_full_mask(rope, tied):
     hf = hf_model(rope=ROPE[rope], tie_word_embeddings=tied)
-    ours = Transformer.from_hf(hf, causal=False, backend="reference")
+    ours = Transformer.from_hf(hf, causal=False, attention_backend="reference")
     assert hf.config.rope_parameters["rope_type"] == rope
     assert (ours.config.rope_scaling or {"rope_type": "default"})["rope_type"] == rope
     assert (ours.lm_head is None) == tied
@@ -118,7 +118,7 @@ def test_bidirectional_backends_agree(backend):
     ids, mask, pos = left_padded(B=2, L=7, pads=(0, 2))
     with torch.no_grad():
         ref = hf.model(ids, attention_mask=full_4d_mask(mask), position_ids=pos).last_hidden_state
-        out = ours(ids, mask, backend=backend).hidden
+        out = ours(ids, mask, attention_backend=backend).hidden
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -126,7 +126,7 @@ def test_bidirectional_backends_agree(backend):
 def test_causal_matches_hf_logits_with_left_padding(family):
     rope = ROPE["llama3"] if family == "llama" else None
     hf = hf_model(family, rope=rope, attention_bias=family == "llama")
-    ours = Transformer.from_hf(hf, backend="reference")
+    ours = Transformer.from_hf(hf, attention_backend="reference")
     assert ours.causal
     names = dict(ours.named_parameters())
     assert ("layers.0.self_attn.q_proj.bias" in names) == (family in ("llama", "qwen2"))
@@ -233,7 +233,7 @@ def test_kv_cache_hook_static_decode_matches_full_causal_forward():
 
 def test_loaded_llada_safetensors_single_and_sharded_match_llama_names(tmp_path):
     hf = hf_model(**LLADA_SHAPE)
-    ref = Transformer.from_hf(hf, causal=False, backend="reference")
+    ref = Transformer.from_hf(hf, causal=False, attention_backend="reference")
     ids, mask, pos = left_padded()
     with torch.no_grad():
         want = ref(ids, mask).logits
@@ -389,7 +389,7 @@ def test_random_tiny_model_gives_varied_tokens():
     config = TransformerConfig.from_dict(
         {"d_model": 64, "n_heads": 2, "n_layers": 2, "mlp_hidden_size": 96, "vocab_size": 128}
     )
-    model = Transformer(config, backend="reference").reset_parameters(
+    model = Transformer(config, attention_backend="reference").reset_parameters(
         std=0.3, generator=torch.Generator().manual_seed(0)
     )
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))

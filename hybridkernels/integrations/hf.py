@@ -10,16 +10,8 @@ Two ways in, as with flash-attn and Liger-Kernel::
     hk_hf.apply_hybridkernels_to_llama()  # or: every Llama built afterwards, sdpa/eager -> ours
     hk_hf.apply_hybridkernels_to_llama(model=model)  # or: this model instance
 
-:func:`attention_forward` follows transformers' attention-interface contract: ``query [B, Hq,
-Lq, D]``, ``key``/``value`` ``[B, Hkv, Lk, D]`` (the cache's keys when decoding), returns
-``(out [B, Lq, Hq, D], None)``. It calls :func:`hybridkernels.ops.attention`
-(Triton on a GPU, the reference on the CPU; SDPA when autograd records, so training works) with
-``causal`` aligned to the end of the keys and a ``[B, Lk]`` key padding mask. Under the name
-``"hybridkernels"`` transformers (>= 4.53) hands it the 2-D padding mask through the mask function
-registered beside it; 4-D masks (older transformers, the module patch, custom masks) are
-decomposed into causal + padding when they are exactly that (checked once per mask tensor) and
-otherwise run through torch SDPA with the mask as given, never silently ignored.
-
+:func:`attention_forward` runs :func:`hybridkernels.ops.attention` under transformers'
+attention interface (mask handling in its docstring).
 :func:`generate_with_prefix` exposes the executor's static-cache, latent-prefix decoding for an
 in-memory HF causal LM, without our model classes in the caller's code.
 """
@@ -52,6 +44,15 @@ def attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function running :func:`ops.attention`.
+
+    transformers' contract: ``query [B, Hq, Lq, D]``, ``key``/``value`` ``[B, Hkv, Lk, D]`` (the
+    cache's keys when decoding), returns ``(out [B, Lq, Hq, D], None)``. The op runs Triton on a
+    GPU, the reference on the CPU, SDPA when autograd records (so training works), with ``causal``
+    aligned to the end of the keys and a ``[B, Lk]`` key padding mask. Under the name
+    ``"hybridkernels"`` transformers (>= 4.53) hands over the 2-D padding mask through the mask
+    function registered beside this one; 4-D masks (older transformers, the module patch, custom
+    masks) are decomposed into causal + padding when they are exactly that (checked once per mask
+    tensor) and otherwise run through torch SDPA with the mask as given, never silently ignored.
 
     ``attention_mask``: None, a bool / 0-1 ``[B, Lm]`` padding mask (``Lm <= Lk``: a static cache's
     unused tail slots are dropped, as transformers' flash-attention path does), or a 4-D bool /

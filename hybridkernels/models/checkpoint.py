@@ -1,8 +1,7 @@
 """Checkpoints of the Llama-family stack: name schemes, safetensors files, ``config.json``.
 
-Knows the model only through its config and its parameter shapes (no import of the model class:
-:mod:`hybridkernels.models.transformer` builds on this module, and
-:mod:`hybridkernels.models.loading` joins the two).
+Knows the model through its config and parameter shapes only: ``transformer`` builds on this
+module and :mod:`hybridkernels.models.loading` joins the two.
 
 Two checkpoint naming schemes map onto the model's own (HF Llama names without ``model.``):
 

@@ -10,16 +10,8 @@ Parameter names follow HF Llama without the ``model.`` prefix (``embed_tokens.we
 ``layers.N.self_attn.q_proj.weight``, ..., ``norm.weight``, ``lm_head.weight``); the name maps
 for HF and LLaDA checkpoints live in :mod:`hybridkernels.models.checkpoint`.
 
-Caching contract (used by the planner's prefix / dual cache and the executor's static cache):
-
-* ``forward(..., return_kv=True)`` returns every layer's ``(k, v)``, ``[B, L, Hkv, D]`` after
-  RoPE (and after Qwen3's k norm), for the positions of this call.
-* ``forward(..., kv_cache=hook)`` hands attention to ``hook.attend(layer, q, k, v)`` in every
-  layer: ``q [B, T, Hq, D]`` and ``k``/``v [B, T, Hkv, D]`` (post-RoPE) are this call's tokens; the
-  hook stores ``k``/``v`` where it wants (``ops.kv_append``, or overwriting the block's slots of a
-  full buffer), attends over whatever keys it holds (``ops.attention`` /
-  ``ops.decode_attention``) and returns ``[B, T, Hq, D]``. With a hook, ``position_ids`` must be
-  given, and ``attention_mask``/``causal`` are the hook's business.
+With ``kv_cache=`` a :class:`KVCacheHook` takes over attention (the planner's and the executor's
+caches); its docstring has the contract.
 """
 
 from __future__ import annotations
@@ -41,7 +33,18 @@ from .config import TransformerConfig
 
 @runtime_checkable
 class KVCacheHook(Protocol):
-    """Per-layer attention over cached keys. See the module docstring for the contract."""
+    """Per-layer attention over cached keys (the planner's prefix / dual cache, the executor's
+    static cache).
+
+    * ``forward(..., return_kv=True)`` returns every layer's ``(k, v)``, ``[B, L, Hkv, D]`` after
+      RoPE (and after Qwen3's k norm), for the positions of this call.
+    * ``forward(..., kv_cache=hook)`` hands attention to ``hook.attend(layer, q, k, v)`` in every
+      layer: ``q [B, T, Hq, D]`` and ``k``/``v [B, T, Hkv, D]`` (post-RoPE) are this call's tokens; the
+      hook stores ``k``/``v`` where it wants (``ops.kv_append``, or overwriting the block's slots of a
+      full buffer), attends over whatever keys it holds (``ops.attention`` /
+      ``ops.decode_attention``) and returns ``[B, T, Hq, D]``. With a hook, ``position_ids`` must be
+      given, and ``attention_mask``/``causal`` are the hook's business.
+    """
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 

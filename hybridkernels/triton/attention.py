@@ -1,35 +1,12 @@
-"""Flash-attention forward (Triton) behind ``hybridkernels.ops.bidirectional_attention``.
+"""Flash-attention forward (Triton) behind :func:`hybridkernels.ops.attention`.
 
-Layout follows flash-attn: q ``[B, Lq, Hq, D]``, k/v ``[B, Lk, Hkv, D]``. One kernel,
-:func:`_attn_fwd_kernel`, serves both regimes of the planner:
-
-* long queries (whole-sequence forward, causal prefill): grid ``(row blocks, B * Hkv)``, each
-  program streams all the keys of its rows with an online softmax (fp32 accumulation);
-* short queries over a long cache (a 16-64 token block over thousands of cached keys): the same
-  grid gets a third axis that splits the keys, so a batch-1 call still fills the GPU. Each split
-  writes a normalised partial output and its log-sum-exp; :func:`_merge_splits_kernel` combines them.
-
-GQA without repeated K/V: the ``G = Hq // Hkv`` query heads that share a kv head are packed into
-the rows of one program (row ``r`` = query ``r // G`` of head ``hkv * G + r % G``), so each K/V
-tile is loaded once per group. The key padding mask (bool ``[B, Lk]``) is read per key tile.
-``causal=True`` aligns the queries to the end of the keys (query ``i`` sees keys
-``j <= i + Lk - Lq``); tiles that no row of a program can see are never visited, and only the
-tiles that cross the diagonal or the end of the keys pay for masking. A row that sees no key
-gets output 0 and log-sum-exp ``-inf`` (never NaN).
-
-Precision: fp16/bf16 dots with fp32 accumulation; fp32 inputs use 3xTF32 dots (about fp32
-accuracy on tensor cores).
-
-Autotuning: one autotuner per (regime, head dim, 16-bit/32-bit dtype), keyed on bucketed row and
-key counts, causal and mask flags (the dtype is part of every key), so tuning runs once per shape
-class, on the first call of that class: call once before capturing a CUDA graph. Under the CPU
-interpreter a single small fixed configuration runs instead.
-
-Hopper: on sm_90 the 16-bit ``tl.dot`` s (BLOCK_M >= 64) lower to ``wgmma`` and the K/V loads are
-software-pipelined with ``cp.async``. TMA descriptors and warp specialisation are not used: the
-packed GQA rows are a gather over ``[B, L, H, D]`` strides (not one rectangular box when ``G``
-does not divide ``BLOCK_M``), and the descriptor and warp-specialisation APIs changed between the
-Triton versions supported (3.6 and 3.8), so a TMA path would need its own tests on a GPU.
+Layout follows flash-attn: q ``[B, Lq, Hq, D]``, k/v ``[B, Lk, Hkv, D]``, GQA without repeated
+K/V, optional bool key padding mask ``[B, Lk]``, ``causal=True`` aligned to the end of the keys.
+One kernel, :func:`_attn_fwd_kernel`, serves both regimes of the planner (long queries; a short
+block over a long cache, keys split across programs and merged by :func:`_merge_splits_kernel`).
+fp16/bf16 dots with fp32 accumulation, fp32 inputs on 3xTF32. Autotuned once per shape class
+(:func:`attention_configs`), one fixed configuration under the CPU interpreter. The entry point
+is :func:`flash_attention`; the design notes sit next to the code they explain.
 """
 
 from __future__ import annotations
@@ -37,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..common import triton_interpreting
 from .registry import CompileCase, compile_cases
 
 
@@ -126,6 +103,23 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
+# Regimes. Long queries (whole-sequence forward, causal prefill): grid ``(row blocks, B * Hkv)``,
+# each program streams all the keys of its rows with an online softmax (fp32 accumulation).
+# Short queries over a long cache (a 16-64 token block over thousands of cached keys): the same
+# grid gets a third axis that splits the keys, so a batch-1 call still fills the GPU; each split
+# writes a normalised partial output and its log-sum-exp, merged by _merge_splits_kernel.
+#
+# GQA: the G = Hq // Hkv query heads that share a kv head are packed into the rows of one program
+# (row r = query r // G of head hkv * G + r % G), so each K/V tile is loaded once per group. The
+# key padding mask is read per key tile. causal=True: query i sees keys j <= i + Lk - Lq; tiles
+# that no row of a program can see are never visited, and only the tiles that cross the diagonal
+# or the end of the keys pay for masking. A row that sees no key gets output 0 and lse -inf.
+#
+# Hopper: on sm_90 the 16-bit tl.dot s (BLOCK_M >= 64) lower to wgmma and the K/V loads are
+# software-pipelined with cp.async. No TMA descriptors or warp specialisation: the packed GQA rows
+# are a gather over [B, L, H, D] strides (not one rectangular box when G does not divide
+# BLOCK_M), and those APIs changed between the Triton versions supported (3.6 and 3.8), so a TMA
+# path would need its own tests on a GPU.
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -310,7 +304,7 @@ _CONFIGS_32BIT = {
 # Under the interpreter: few, large-ish programs (its cost is per program and per op).
 _INTERPRETER_CONFIG = _config(32, 32, 4, 1)
 _MAX_BLOCK_N = 128  # split sizes are multiples of it, so every BLOCK_N divides them
-HEAD_DIMS = (32, 64, 96, 128, 256)  # as the op's contract (hybridkernels.ops._checks)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # as the op's contract (hybridkernels.ops.HEAD_DIMS)
 
 
 def _head_dim_class(head_dim: int) -> str:
@@ -324,6 +318,9 @@ def attention_configs(regime: str, head_dim: int, dtype: torch.dtype) -> list[tr
     return _CONFIGS_16BIT[(regime, _head_dim_class(head_dim))]
 
 
+# One autotuner per (regime, head dim, 16-bit/32-bit dtype), keyed on bucketed row and key counts,
+# causal and mask flags (the dtype is part of every key): tuning runs once per shape class, on the
+# first call of that class, so call once before capturing a CUDA graph.
 _AUTOTUNE_KEY = ["ROWS_CLASS", "KEYS_CLASS", "HEAD_DIM", "CAUSAL", "HAS_MASK"]
 
 
@@ -332,10 +329,6 @@ def _tuned_kernel(regime: str, head_dim: int, dtype: torch.dtype):
     return triton.autotune(configs=attention_configs(regime, head_dim, dtype), key=_AUTOTUNE_KEY)(
         _attn_fwd_kernel
     )
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
 @functools.cache
@@ -370,7 +363,7 @@ def flash_attention(
     return_lse: bool = False,
     num_splits: int | None = None,
 ):
-    """Triton forward of :func:`hybridkernels.reference.bidirectional_attention` (same arguments,
+    """Triton forward of :func:`hybridkernels.ops.attention` (same arguments,
     already validated by the op). ``num_splits`` forces the number of key splits (default: chosen
     from the shape and the GPU's SM count).
 
@@ -382,7 +375,7 @@ def flash_attention(
     group = Hq // Hkv
     rows = Lq * group
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     regime = "short" if rows <= 256 and Lk >= 4 * Lq else "long"
 
     if num_splits is None:

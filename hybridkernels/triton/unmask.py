@@ -11,10 +11,7 @@
    descending, lowest position first on ties), commits ``rank < num_transfer[b]`` or the threshold
    rule, and writes ``x`` in place.
 
-Randomness is counter-based: the Gumbel noise of (row, token) is ``tl.rand(seed, row * V + token)``
-and the ``random`` remasking draw of a row is another Philox word of the counter ``row * V``, so
-results do not depend on the tiling or the split. ``seed`` is drawn from the op's generator on the
-device (no host sync), which keeps the step capturable in a CUDA graph.
+Randomness is counter-based (see :func:`_draw_seed`): results do not depend on the tiling.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.unmask import UnmaskResult
+from ..common import UnmaskResult, triton_interpreting
 from .registry import CompileCase, compile_cases
 
 # Logits path: a program streams one row's vocabulary split in BLOCK_V tiles.
@@ -426,10 +423,6 @@ def _commit_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting(device: torch.device) -> bool:
-    return device.type != "cuda"
-
-
 @functools.lru_cache(maxsize=64)
 def _token_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The token ids as an int32 device tensor (cached: no host-to-device copy per step)."""
@@ -450,7 +443,12 @@ def _split_length(V: int, programs_per_split: int, target: int, align: int) -> i
 
 
 def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """A Philox seed as an int64 ``[1]`` tensor on ``device``, drawn on the generator's device."""
+    """A Philox seed as an int64 ``[1]`` tensor on ``device``, drawn on the generator's device.
+
+    The Gumbel noise of (row, token) is ``tl.rand(seed, row * V + token)`` and the ``random``
+    remasking draw of a row is another Philox word of the counter ``row * V``, so results do not
+    depend on the tiling or the split. Drawn on the device (no host sync), which keeps the step
+    capturable in a CUDA graph."""
     gen_device = generator.device if generator is not None else device
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
     return seed.to(device)
@@ -491,7 +489,7 @@ def unmask_step(
     n_rows = B * Lr
     sample = temperature > 0
     random = remasking == "random"
-    interpret = _interpreting(device)
+    interpret = triton_interpreting()
     if config is None and interpret:
         config = INTERPRETER_LM_HEAD_CONFIG if fused else INTERPRETER_LOGITS_CONFIG
 
