@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -45,22 +46,6 @@ class Preset:
     gpu_only: bool = False
 
 
-def _llada_8b() -> TransformerConfig:
-    return TransformerConfig(
-        vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
-        num_kv_heads=32, head_dim=128, rope_theta=500000.0, causal=False, family="llada",
-        mask_token_id=126336, eos_token_ids=(126081,), eot_token_id=126348,
-    )  # fmt: skip
-
-
-def _llama_8b() -> TransformerConfig:
-    return TransformerConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-        num_kv_heads=8, head_dim=128, rope_theta=500000.0, causal=True, family="llama",
-        eos_token_ids=(128001,),
-    )  # fmt: skip
-
-
 def _tiny(causal: bool) -> TransformerConfig:
     return TransformerConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
@@ -76,18 +61,19 @@ PRESETS = {
         block_length=16, tokens_per_step=(1, 2), answer_tokens=16, init_std=0.1,
     ),
     "llada-8b": Preset(
-        "llada-8b", "LLaDA-8B-shaped planner, bf16", _llada_8b(), None, torch.bfloat16,
+        "llada-8b", "LLaDA-8B-shaped planner, bf16", benchmarking.LLADA_8B, None, torch.bfloat16,
         prompt_len=512, gen_lengths=(256, 512), batches=(1, 16), block_length=32,
         tokens_per_step=(1, 2, 4), answer_tokens=0, gpu_only=True,
     ),
     "llama-8b": Preset(
-        "llama-8b", "Llama-3-8B-shaped executor, bf16", None, _llama_8b(), torch.bfloat16,
+        "llama-8b", "Llama-3-8B-shaped executor, bf16", None, benchmarking.LLAMA_8B, torch.bfloat16,
         prompt_len=512, gen_lengths=(256,), batches=(1, 16), block_length=32, tokens_per_step=(1,),
         answer_tokens=256, gpu_only=True,
     ),
     "paper": Preset(
         "paper", "LLaDA-8B planner + Llama-8B executor at the paper's budgets (64 plan + 16 answer, 256/256)",
-        _llada_8b(), _llama_8b(), torch.bfloat16, prompt_len=128, gen_lengths=(64, 256), batches=(1,),
+        benchmarking.LLADA_8B, benchmarking.LLAMA_8B, torch.bfloat16, prompt_len=128, gen_lengths=(64, 256),
+        batches=(1,),
         block_length=32, tokens_per_step=(1, 4), answer_tokens=16, gpu_only=True,
     ),
 }  # fmt: skip
@@ -120,23 +106,17 @@ class BenchFailure(RuntimeError):
     """The fast path disagreed with its baseline: reported, never timed as a speedup."""
 
 
+def _timed(device: torch.device, rounds: int, fns: dict[str, Callable[[], object]]) -> tuple[dict, dict]:
+    """Median seconds and last output of each of ``fns``, timed round-robin after one warm-up round
+    (:func:`hybridkernels.benchmarking.time_alternating`)."""
+    timings, outputs = benchmarking.time_alternating(fns, device, rounds=rounds)
+    return {name: t.median for name, t in timings.items()}, outputs
+
+
 def _model(config: TransformerConfig, preset: Preset, device: torch.device, seed: int) -> Transformer:
     model = Transformer(config, dtype=preset.dtype, device=device)
     model.reset_parameters(std=preset.init_std, generator=torch.Generator(device).manual_seed(seed))
     return model.eval()
-
-
-def _timed(device: torch.device, reps: int, fn: Callable, *args, **kwargs) -> tuple[object, float]:
-    """(last result, median seconds) of ``fn(*args, **kwargs)`` after one warm-up call."""
-    out = fn(*args, **kwargs)
-    benchmarking.synchronize(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        benchmarking.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return out, sorted(times)[len(times) // 2]
 
 
 def _agreement(ours: torch.Tensor, baseline: torch.Tensor, preset: Preset, where: str) -> str:
@@ -150,22 +130,6 @@ def _agreement(ours: torch.Tensor, baseline: torch.Tensor, preset: Preset, where
             raise BenchFailure(f"{where}: the fast path's tokens differ from the baseline's")
         return "tokens equal"
     return f"{100 * (ours == baseline).float().mean().item():.1f}% tokens equal (bf16)"
-
-
-def _forward_flops(config: TransformerConfig, tokens: int, keys: int) -> float:
-    """Matmul flops of one forward of ``tokens`` queries over ``keys`` keys (LM head excluded)."""
-    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
-    proj = 2 * tokens * d * (config.q_size + 2 * config.kv_size + d) + 2 * tokens * 3 * d * f
-    attn = 4 * tokens * keys * config.q_size
-    return L * (proj + attn)
-
-
-def _floor_s(device: torch.device, weight_bytes: float, flops: float) -> float:
-    dev = str(device)
-    return max(
-        weight_bytes / (benchmarking.copy_bandwidth_gbs(dev) * 1e9),
-        flops / (benchmarking.matmul_peak_tflops(dev) * 1e12),
-    )
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -186,20 +150,25 @@ def stage_planner(preset: Preset, device: torch.device, reps: int, progress) -> 
             for k in preset.tokens_per_step:
                 progress(f"planner batch={batch} gen={gen} k={k}")
                 kw = dict(gen_length=gen, steps=gen // k, block_length=preset.block_length)
-                naive, naive_s = _timed(
-                    device, 1, llada_generate, model, prompt, mask_id=planner.mask_id, **kw
+                secs, outs = _timed(device, reps, {
+                    "naive": partial(llada_generate, model, prompt, mask_id=planner.mask_id, **kw),
+                    "fast": partial(planner.generate, prompt, **kw),
+                    "dual": partial(planner.generate, prompt, cache="dual", **kw),
+                })  # fmt: skip
+                (naive, naive_s), (fast, fast_s), (dual, dual_s) = (
+                    (outs[k], secs[k]) for k in ("naive", "fast", "dual")
                 )
-                fast, fast_s = _timed(device, reps, planner.generate, prompt, **kw)
                 agreement = _agreement(
                     fast.generated, naive[:, preset.prompt_len :], preset, f"planner {batch=} {gen=} {k=}"
                 )
-                dual, dual_s = _timed(device, reps, planner.generate, prompt, cache="dual", **kw)
                 agree = (dual.generated == fast.generated).float().mean().item()
                 tokens = batch * gen
                 L = preset.prompt_len + gen
                 w = benchmarking.streamed_weight_bytes(model)
-                full_floor = _floor_s(device, w, _forward_flops(cfg, batch * L, L))
-                cached_floor = _floor_s(device, w, _forward_flops(cfg, batch * preset.block_length, L))
+                full_floor = benchmarking.floor_s(device, w, benchmarking.forward_flops(cfg, batch * L, L))
+                cached_floor = benchmarking.floor_s(
+                    device, w, benchmarking.forward_flops(cfg, batch * preset.block_length, L)
+                )
                 on_gpu = device.type == "cuda"
                 base = dict(
                     stage="planner",
@@ -244,14 +213,20 @@ def stage_executor(preset: Preset, device: torch.device, reps: int, progress) ->
         g = torch.Generator(device).manual_seed(batch)
         prompt = torch.randint(3, cfg.vocab_size, (batch, preset.prompt_len), generator=g, device=device)
         new = preset.answer_tokens
-        ours_out, ours_s = _timed(device, reps, executor.generate, prompt, max_new_tokens=new)
-        naive_out, naive_s = _timed(device, 1, ar_generate, model, prompt, max_new_tokens=new)
+        fns = {
+            "ours": partial(executor.generate, prompt, max_new_tokens=new),
+            "naive": partial(ar_generate, model, prompt, max_new_tokens=new),
+        }
+        if hf is not None:
+            fns["hf"] = partial(hf.generate, prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        secs, outs = _timed(device, reps, fns)
+        ours_out, ours_s, naive_out, naive_s = outs["ours"], secs["ours"], outs["naive"], secs["naive"]
         agreement = _agreement(ours_out.tokens, naive_out.tokens, preset, f"executor {batch=}")
         tokens = batch * new
-        floor = _floor_s(
+        floor = benchmarking.floor_s(
             device,
             benchmarking.streamed_weight_bytes(model),
-            _forward_flops(cfg, batch, preset.prompt_len + new),
+            benchmarking.forward_flops(cfg, batch, preset.prompt_len + new),
         )
         step_s = ours_out.stats.decode_s / max(1, ours_out.stats.decode_steps)
         fraction = floor / step_s if device.type == "cuda" else None
@@ -269,8 +244,7 @@ def stage_executor(preset: Preset, device: torch.device, reps: int, progress) ->
             Row(baseline="no-cache loop", baseline_value=tokens / naive_s, agreement=agreement, **common)
         )
         if hf is not None:
-            kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            hf_out, hf_s = _timed(device, 1, hf.generate, prompt, **kw)
+            hf_out, hf_s = outs["hf"], secs["hf"]
             same = torch.equal(hf_out[:, preset.prompt_len :], ours_out.tokens)
             agreement = "tokens equal" if same else "tokens differ (HF kernels round differently)"
             rows.append(
@@ -315,8 +289,10 @@ def stage_pipeline(preset: Preset, device: torch.device, reps: int, progress) ->
                 progress(f"pipeline {mode} batch={batch} plan={plan}")
                 naive = HybridPipeline(planner, executor, projector, mode=mode, naive=True, **kw)
                 fast = HybridPipeline(planner, executor, projector, mode=mode, **kw)
-                want, naive_s = _timed(device, 1, naive, questions)
-                got, fast_s = _timed(device, reps, fast, questions)
+                secs, outs = _timed(
+                    device, reps, {"naive": partial(naive, questions), "fast": partial(fast, questions)}
+                )
+                want, naive_s, got, fast_s = outs["naive"], secs["naive"], outs["fast"], secs["fast"]
                 tokens = got.stats.plan_tokens + got.stats.answer_tokens
                 agreement = _agreement(
                     torch.tensor(got.answer_ids), torch.tensor(want.answer_ids), preset, f"pipeline {mode}"

@@ -7,6 +7,7 @@ second by a large device-to-device copy) and the bf16 matmul peak (a large cuBLA
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import os
@@ -17,6 +18,22 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from .models.config import TransformerConfig
+
+# The 8B shapes every GPU benchmark uses (random weights: no hub).
+LLADA_8B = TransformerConfig(
+    vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
+    num_kv_heads=32, head_dim=128, rope_theta=500000.0, causal=False, family="llada",
+    mask_token_id=126336, eos_token_ids=(126081,), eot_token_id=126348,
+)  # fmt: skip
+LLAMA_8B = TransformerConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+    num_kv_heads=8, head_dim=128, rope_theta=500000.0, causal=True, family="llama",
+    eos_token_ids=(128001,),
+)  # fmt: skip
+# A timing whose runs spread more than this (interquartile range / median) is marked untrusted.
+MAX_SPREAD = 0.25
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -137,3 +154,89 @@ def roofline(device: torch.device | str, *, flops: float = 0.0, nbytes: float = 
         gbs = nbytes / (ms * 1e-3) / 1e9
         out.update(gbs=gbs, bandwidth_fraction=gbs / copy_bandwidth_gbs(dev))
     return out
+
+
+# ------------------------------------------------------------------------------------------ floors
+def forward_flops(config: TransformerConfig, tokens: int, keys: int) -> float:
+    """Matmul flops of one forward of ``tokens`` queries over ``keys`` keys (LM head excluded)."""
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
+    proj = 2 * tokens * d * (config.q_size + 2 * config.kv_size + d) + 2 * tokens * 3 * d * f
+    attn = 4 * tokens * keys * config.q_size
+    return L * (proj + attn)
+
+
+def floor_s(device: torch.device | str, weight_bytes: float, flops: float) -> float:
+    """A step's floor: max(weight bytes / measured copy bandwidth, flops / measured matmul peak)."""
+    dev = str(torch.device(device))
+    return max(weight_bytes / (copy_bandwidth_gbs(dev) * 1e9), flops / (matmul_peak_tflops(dev) * 1e12))
+
+
+def call_floor_s(model, tokens: int) -> float:
+    """Floor of one call of ``model`` on ``tokens`` tokens: its streamed weights, and 2 flops per
+    parameter and token."""
+    w = streamed_weight_bytes(model)
+    return floor_s(model.device, w, 2 * (w / model.embed_tokens.weight.element_size()) * tokens)
+
+
+# ------------------------------------------------------------------------------------------ timing
+@dataclasses.dataclass
+class Timing:
+    """Wall times of one function over the rounds of :func:`time_alternating`."""
+
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range / median (0 with fewer than 4 runs: then max - min over median)."""
+        t = sorted(self.seconds)
+        if len(t) < 4:
+            return (t[-1] - t[0]) / self.median if len(t) > 1 else 0.0
+        q1, _, q3 = statistics.quantiles(t, n=4)
+        return (q3 - q1) / self.median
+
+    @property
+    def trusted(self) -> bool:
+        return self.spread <= MAX_SPREAD
+
+
+def time_alternating(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device | str,
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    time_budget_s: float | None = None,
+) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Time several functions round-robin (A B C ... A B C ...) so that a load change on a busy
+    machine hits all of them alike: ``warmup`` untimed rounds, then ``rounds`` timed ones (fewer,
+    but at least 2, if ``time_budget_s`` runs out). Returns each function's :class:`Timing` and its
+    last output."""
+    outputs = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            outputs[name] = fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    started = time.perf_counter()
+    for r in range(rounds):
+        if r >= 2 and time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+            break
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(t) for name, t in times.items()}, outputs
+
+
+def token_agreement(a, b) -> float:
+    """Fraction of equal tokens of two ``[B, T]`` tensors or lists of token rows (rows compared up to
+    the shorter one)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return float((a == b).float().mean()) if a.numel() else 1.0
+    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=False)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
