@@ -33,20 +33,20 @@ of a teacher-forced forward over its own prefix + prompt + answer, up to bf16 ro
 
 from __future__ import annotations
 
-import statistics
-import time
+from functools import partial
 
 import pytest
 import torch
 from _common import DEVICE, ON_GPU, QUICK
 
-from hybridkernels.bench import PRESETS
 from hybridkernels.benchmarking import (
-    copy_bandwidth_gbs,
+    LLADA_8B,
+    LLAMA_8B,
+    call_floor_s,
     environment,
-    matmul_peak_tflops,
-    streamed_weight_bytes,
     synchronize,
+    time_alternating,
+    token_agreement,
 )
 from hybridkernels.models import ARExecutor, DiffusionPlanner, LatentProjector, Transformer, TransformerConfig
 from hybridkernels.models.prompting import vocabulary_tokenizer
@@ -66,7 +66,7 @@ def _tiny(causal: bool) -> TransformerConfig:
 
 
 if ON_GPU:
-    PLANNER, EXECUTOR, DTYPE = PRESETS["paper"].planner, PRESETS["paper"].executor, torch.bfloat16
+    PLANNER, EXECUTOR, DTYPE = LLADA_8B, LLAMA_8B, torch.bfloat16
     CASES = [(64, 8, 1), (64, 8, 16), (256, 256, 1)]  # (plan tokens, answer tokens, batch)
     QUESTION_WORDS, BLOCK, REPS = 48, 32, 3
     if QUICK:  # gpu_check.sh: batch 16 and 256 + 256 take minutes per mode
@@ -184,28 +184,6 @@ def _latent_prefixes(pipe: HybridPipeline, questions) -> torch.Tensor:
         return pipe.projector(hidden, dtype=pipe.executor.model.dtype)
 
 
-def _time(fn, reps: int) -> tuple[float, object]:
-    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up (graph capture, autotuning),
-    and the last output."""
-    out = fn()
-    times = []
-    for _ in range(reps):
-        synchronize(DEVICE)
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(DEVICE)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def _call_floor(model: Transformer, tokens: int) -> float:
-    """Seconds: max(weight bytes / copy bandwidth, 2 * params * tokens / matmul peak)."""
-    params = streamed_weight_bytes(model) / model.embed_tokens.weight.element_size()
-    bw = copy_bandwidth_gbs(str(DEVICE)) * 1e9
-    peak = matmul_peak_tflops(str(DEVICE)) * 1e12
-    return max(streamed_weight_bytes(model) / bw, 2 * params * tokens / peak)
-
-
 def _floor_s(pipe: HybridPipeline, out, question: str, B: int) -> float:
     """Floor of the fast pipeline's model calls for ``B`` questions as long as ``question`` (no
     planner cache: each step runs every position; the executor: one prefill, then one call a token)."""
@@ -216,7 +194,7 @@ def _floor_s(pipe: HybridPipeline, out, question: str, B: int) -> float:
         return len(tok(text)["input_ids"])
 
     def generation(prompt_len: int, new: int) -> float:
-        return _call_floor(e_model, B * prompt_len) + (new - 1) * _call_floor(e_model, B)
+        return call_floor_s(e_model, B * prompt_len) + (new - 1) * call_floor_s(e_model, B)
 
     answer_steps = max(1, s.answer_tokens // B)
     if pipe.mode == "ar":
@@ -225,7 +203,7 @@ def _floor_s(pipe: HybridPipeline, out, question: str, B: int) -> float:
         return generation(plan_prompt, plan) + generation(plan_prompt + plan + n(t.ar_answer), answer_steps)
     G = pipe.planner_kwargs["gen_length"]
     planner_len = n(t.planner.format(question=question), pipe.planner_tokenizer) + G
-    planner = s.plan_steps * _call_floor(pipe.planner.model, B * planner_len)
+    planner = s.plan_steps * call_floor_s(pipe.planner.model, B * planner_len)
     if pipe.mode == "latent":
         prompt = s.latent_vectors + n(t.latent.format(question=question))
     else:
@@ -251,8 +229,11 @@ def test_pipeline(benchmark, parts, tiny_exact, mode, plan, answer, B):
     if benchmark.disabled:
         benchmark(run)
         return
-    naive_s, naive_out = _time(lambda: naive(questions), REPS)
-    ours_s, out = _time(lambda: fast(questions), REPS)
+    fns = {"naive": partial(naive, questions), "ours": partial(fast, questions)}
+    if ON_GPU and mode != "ar":
+        fns["dual"] = partial(_pipelines(parts, mode, plan, answer, cache="dual")[1], questions)
+    timings, outs = time_alternating(fns, DEVICE, rounds=REPS)
+    (naive_s, naive_out), (ours_s, out) = ((timings[k].median, outs[k]) for k in ("naive", "ours"))
     s = out.stats
     tokens = s.plan_tokens + s.answer_tokens
     floor = _floor_s(fast, out, questions[0], B)
@@ -276,22 +257,16 @@ def test_pipeline(benchmark, parts, tiny_exact, mode, plan, answer, B):
         latent_vectors=s.latent_vectors,
         floor_ms=floor * 1e3,
         fraction_of_floor=floor / ours_s,
-        plan_agreement_with_naive=_agreement(out.plan_ids, naive_out.plan_ids),
+        plan_agreement_with_naive=token_agreement(out.plan_ids, naive_out.plan_ids),
         **environment(DEVICE),
     )
-    if ON_GPU and mode != "ar":
-        _, cached = _pipelines(parts, mode, plan, answer, cache="dual")
-        cached_s, cached_out = _time(lambda: cached(questions), REPS)
+    if "dual" in fns:
+        cached_s, cached_out = timings["dual"].median, outs["dual"]
         extra |= dict(
             dual_cache_s=cached_s,
             dual_cache_tokens_per_s=tokens / cached_s,
             dual_cache_speedup=naive_s / cached_s,
-            dual_cache_plan_agreement=_agreement(cached_out.plan_ids, out.plan_ids),
+            dual_cache_plan_agreement=token_agreement(cached_out.plan_ids, out.plan_ids),
         )
     benchmark.extra_info.update(extra)
     benchmark.pedantic(run, rounds=REPS, warmup_rounds=0)
-
-
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=False)]
-    return sum(x == y for x, y in pairs) / max(1, len(pairs))

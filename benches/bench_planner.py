@@ -30,7 +30,7 @@ import torch
 from _common import DEVICE, ON_GPU, QUICK
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridkernels import ops
+from hybridkernels import benchmarking, ops
 from hybridkernels.benchmarking import (
     copy_bandwidth_gbs,
     environment,
@@ -42,17 +42,13 @@ from hybridkernels.models import DiffusionPlanner, Transformer
 from hybridkernels.reference import llada_generate
 from hybridkernels.reference.llada import LLADA_EOS_ID, LLADA_EOT_ID, LLADA_MASK_ID
 
-LLADA_8B = dict(
-    vocab_size=126464,
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    head_dim=128,
-    rope_theta=500000.0,
-    max_position_embeddings=4096,
-)
+# LLaDA-8B's shape as an HF Llama config (the benchmark builds an HF model of it).
+LLADA_8B = {
+    k: v
+    for k, v in benchmarking.LLADA_8B.to_dict("llama").items()
+    if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "rope_theta", "max_position_embeddings")
+}  # fmt: skip
 TINY = dict(
     vocab_size=128,
     hidden_size=64,
