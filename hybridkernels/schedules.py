@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import get_num_transfer_tokens
+from .common import get_num_transfer_tokens
+from .validation import check_int_at_least, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -63,22 +64,15 @@ class StepPlan:
         return {"start": self.start, "num_transfer": self.num_transfer}
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class Schedule:
     """Base class: the generation ``x[:, gen_start : gen_start + gen_len]`` split into windows of
     ``block_len`` denoised in order (one window when ``block_len == gen_len``)."""
 
     def __init__(self, gen_start: int, gen_len: int, block_len: int):
-        if isinstance(gen_start, bool) or not isinstance(gen_start, int) or gen_start < 0:
-            raise ValueError(f"gen_start must be an int >= 0, got {gen_start!r}")
+        check_int_at_least("", "gen_start", gen_start, 0)
         self.gen_start = gen_start
-        self.gen_len = _positive_int("gen_len", gen_len)
-        self.block_len = _positive_int("block_len", block_len)
+        self.gen_len = check_positive_int("", "gen_len", gen_len)
+        self.block_len = check_positive_int("", "block_len", block_len)
         if gen_len % block_len:
             raise ValueError(f"gen_len ({gen_len}) must be a multiple of block_len ({block_len})")
 
@@ -146,7 +140,7 @@ class LLaDASchedule(Schedule):
 
     def __init__(self, gen_start: int, gen_len: int, block_len: int, steps: int):
         super().__init__(gen_start, gen_len, block_len)
-        self.steps = _positive_int("steps", steps)
+        self.steps = check_positive_int("", "steps", steps)
         if steps % self.num_stages:
             raise ValueError(
                 f"steps ({steps}) must be a multiple of the number of blocks ({self.num_stages})"
@@ -181,7 +175,7 @@ class FixedKSchedule(Schedule):
 
     def __init__(self, gen_start: int, gen_len: int, block_len: int, k: int):
         super().__init__(gen_start, gen_len, block_len)
-        self.k = _positive_int("k", k)
+        self.k = check_positive_int("", "k", k)
 
     def num_steps(self, stage: int) -> int:
         return math.ceil(self.block_len / self.k)
@@ -233,9 +227,9 @@ class ParallelForcedSchedule(Schedule):
 
     def __init__(self, gen_start: int, gen_len: int, k: int, steps: int | None = None):
         super().__init__(gen_start, gen_len, gen_len)
-        self.k = _positive_int("k", k)
+        self.k = check_positive_int("", "k", k)
         most = math.ceil(gen_len / k)
-        self.steps = most if steps is None else _positive_int("steps", steps)
+        self.steps = most if steps is None else check_positive_int("", "steps", steps)
         if self.steps > most:
             raise ValueError(
                 f"steps ({steps}) is more than ceil(gen_len / k) = {most}: at least k tokens per step "

@@ -44,8 +44,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..ops._checks import skip_value_checks
-from ..reference.ar_loop import emit_tokens, eos_tensor, generated_lengths, sample_tokens
+from ..common import emit_tokens, eos_tensor, generated_lengths, sample_tokens
+from ..ops import skip_value_checks
+from ..validation import check_int
 from .cuda_graphs import StepGraphs
 from .kv_cache import DecodeHook, PrefillHook, StaticKVCache
 from .prompting import left_pad
@@ -180,9 +181,9 @@ class ARExecutor:
                 f"ARExecutor: model must be a hybridkernels Transformer, got {type(model).__name__}"
             )
         if max_cache_len is not None:
-            _check_int("ARExecutor", "max_cache_len", max_cache_len, low=2)
-        _check_int("ARExecutor", "stop_check_every", stop_check_every, low=1)
-        _check_int("ARExecutor", "max_cached_states", max_cached_states, low=1)
+            check_int("ARExecutor", "max_cache_len", max_cache_len, low=2)
+        check_int("ARExecutor", "stop_check_every", stop_check_every, low=1)
+        check_int("ARExecutor", "max_cached_states", max_cached_states, low=1)
         self.model = model.eval()
         self.max_cache_len = max_cache_len
         self.cuda_graph = cuda_graph
@@ -246,10 +247,10 @@ class ARExecutor:
         """
         x, lengths = self._packed_prompt(input_ids, attention_mask, prefix_embeds)
         sampling = self._sampling(temperature, top_k, top_p, eos_token_id, pad_token_id)
-        _check_int(WHERE, "max_new_tokens", max_new_tokens, low=1)
-        _check_int(WHERE, "num_samples", num_samples, low=1)
+        check_int(WHERE, "max_new_tokens", max_new_tokens, low=1)
+        check_int(WHERE, "num_samples", num_samples, low=1)
         if seed is not None:
-            _check_int(WHERE, "seed", seed, low=0)
+            check_int(WHERE, "seed", seed, low=0)
         B, S = x.shape[:2]
         need = S + max_new_tokens
         if self.max_cache_len is not None and need > self.max_cache_len:
@@ -458,7 +459,7 @@ class ARExecutor:
             raise ValueError(f"{WHERE}: temperature must be >= 0 and finite, got {temperature}")
         V = self.config.vocab_size
         if top_k is not None:
-            _check_int(WHERE, "top_k", top_k, low=1)
+            check_int(WHERE, "top_k", top_k, low=1)
             top_k = min(top_k, V)
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"{WHERE}: top_p must be in (0, 1], got {top_p!r}")
@@ -470,7 +471,7 @@ class ARExecutor:
             raise ValueError(f"{WHERE}: eos_token_id {eos} outside the vocabulary (vocab_size = {V})")
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
-        _check_int(WHERE, "pad_token_id", pad_token_id, low=0, high=V - 1)
+        check_int(WHERE, "pad_token_id", pad_token_id, low=0, high=V - 1)
         if not temperature:  # greedy: the filters do not change the argmax
             top_k = top_p = None
         return _Sampling(
@@ -494,14 +495,6 @@ class ARExecutor:
             )
         self._states[key] = s
         return s
-
-
-def _check_int(where: str, name: str, value, *, low: int | None = None, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{where}: {name} must be {bounds}, got {value}")
 
 
 def _desc(x) -> str:

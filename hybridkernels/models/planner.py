@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 
 from .. import ops
-from ..ops._checks import skip_value_checks
-from ..reference.llada import check_token_ids
-from ..reference.unmask import rank_and_commit
+from ..common import rank_and_commit
+from ..ops import skip_value_checks
+from ..validation import check_attention_mask, check_token_ids
 from .cuda_graphs import StepGraphs
 from .diffusion_cache import DiffusionKVCache
 from .planner_options import WHERE, PlannerOptions
@@ -523,29 +523,16 @@ def _check_prompt(prompt, attention_mask, model: Transformer, mask_id: int) -> N
             f"{WHERE}: prompt_ids[{row}, {col}] is the mask token {mask_id}; prompts (and their "
             "padding) must not contain mask_id"
         )
-    if attention_mask is None:
-        return
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt.shape:
-        got = (
-            tuple(attention_mask.shape)
-            if isinstance(attention_mask, torch.Tensor)
-            else type(attention_mask).__name__
+    if attention_mask is not None:
+        check_attention_mask(
+            WHERE,
+            attention_mask,
+            prompt.shape,
+            prompt.device,
+            like="prompt_ids",
+            binary=True,
+            left_padded=True,
         )
-        raise ValueError(
-            f"{WHERE}: attention_mask must have prompt_ids' shape {tuple(prompt.shape)}, got {got}"
-        )
-    if attention_mask.device != prompt.device:
-        raise ValueError(
-            f"{WHERE}: attention_mask is on {attention_mask.device}, prompt_ids on {prompt.device}"
-        )
-    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError(f"{WHERE}: attention_mask must hold 0/1 (or bool) values")
-    valid = attention_mask != 0
-    if bool((~valid.any(dim=1)).any()):
-        row = int((~valid.any(dim=1)).nonzero()[0])
-        raise ValueError(f"{WHERE}: prompt row {row} is empty (all padding)")
-    if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
-        raise ValueError(f"{WHERE}: attention_mask must be left padding (zeros, then ones, per row)")
 
 
 def _options(options: PlannerOptions | None, overrides: dict) -> PlannerOptions:

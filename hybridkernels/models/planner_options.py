@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 from ..schedules import LLaDASchedule, ParallelForcedSchedule, Schedule, ThresholdSchedule
+from ..validation import check_bool, check_choice, check_number, check_positive_int
 
 WHERE = "DiffusionPlanner.generate"
 CACHES = (None, "prefix", "dual")
@@ -64,36 +65,37 @@ class PlannerOptions:
 
     def __post_init__(self):
         for name in ("gen_length", "steps"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(WHERE, name, getattr(self, name))
         if self.block_length is not None:
-            _positive_int("block_length", self.block_length)
+            check_positive_int(WHERE, "block_length", self.block_length)
         if self.gen_length % self.window_length:
             raise ValueError(
                 f"{WHERE}: gen_length ({self.gen_length}) must be a multiple of block_length "
                 f"({self.block_length})"
             )
         for name in ("temperature", "cfg_scale"):
-            value = getattr(self, name)
-            if not _is_number(value) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{WHERE}: {name} must be a finite number >= 0, got {value!r}")
-        _one_of("remasking", self.remasking, REMASKING)
-        _one_of("cache", self.cache, CACHES)
+            check_number(WHERE, name, getattr(self, name), low=0)
+        check_choice(WHERE, "remasking", self.remasking, REMASKING)
+        check_choice(WHERE, "cache", self.cache, CACHES)
         if not isinstance(self.schedule, Schedule):
-            _one_of("schedule", self.schedule, SCHEDULES)
+            check_choice(WHERE, "schedule", self.schedule, SCHEDULES)
         elif self.schedule.gen_len != self.gen_length:
             raise ValueError(
                 f"{WHERE}: the schedule generates {self.schedule.gen_len} tokens, "
                 f"gen_length is {self.gen_length}"
             )
-        if self.threshold is not None and (not _is_number(self.threshold) or math.isnan(self.threshold)):
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or math.isnan(self.threshold)
+        ):
             raise ValueError(f"{WHERE}: threshold must be a number or None, got {self.threshold!r}")
         if self.cache_refresh is not None:
-            _positive_int("cache_refresh", self.cache_refresh)
+            check_positive_int(WHERE, "cache_refresh", self.cache_refresh)
             if self.cache is None:
                 raise ValueError(f"{WHERE}: cache_refresh needs cache='prefix' or 'dual'")
         for name in ("eos_early_stop", "logits_eos_inf", "confidence_eos_eot_inf"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{WHERE}: {name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(WHERE, name, getattr(self, name))
         if self.schedule == "parallel":
             if self.window_length != self.gen_length:
                 raise ValueError(
@@ -108,7 +110,7 @@ class PlannerOptions:
                     f"got {self.steps}"
                 )
             if self.parallel_k is not None:
-                _positive_int("parallel_k", self.parallel_k)
+                check_positive_int(WHERE, "parallel_k", self.parallel_k)
         elif self.parallel_k is not None:
             raise ValueError(f"{WHERE}: parallel_k is only for schedule='parallel'")
         num_windows = self.gen_length // self.window_length
@@ -151,17 +153,3 @@ class PlannerOptions:
         if self.threshold is not None:
             return ThresholdSchedule(gen_start, self.gen_length, self.window_length, self.threshold)
         return LLaDASchedule(gen_start, self.gen_length, self.window_length, self.steps)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{WHERE}: {name} must be a positive int, got {value!r}")
-
-
-def _one_of(name: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{WHERE}: {name} must be one of {choices}, got {value!r}")
