@@ -134,7 +134,7 @@ def test_reference_backend_and_head_dim_outside_the_kernels():
     ids, mask = prompts()
     ref = hf_greedy(hf, ids, mask)
     assert torch.equal(ARExecutor.from_hf(hf).generate(ids, mask, max_new_tokens=NEW).tokens, ref)
-    ex = ARExecutor.from_hf(hf, backend="reference")
+    ex = ARExecutor.from_hf(hf, decode_backend="reference")
     assert torch.equal(ex.generate(ids, mask, max_new_tokens=NEW).tokens, ref)
 
 

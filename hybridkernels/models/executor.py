@@ -46,7 +46,7 @@ import torch
 
 from ..common import emit_tokens, eos_tensor, generated_lengths, sample_tokens
 from ..ops import skip_value_checks
-from ..validation import check_int
+from ..validation import check_int, renamed
 from .cuda_graphs import StepGraphs
 from .kv_cache import DecodeHook, PrefillHook, StaticKVCache
 from .prompting import left_pad
@@ -107,7 +107,7 @@ class _Sampling:
 class _DecodeState:
     """Static buffers of one decode configuration (kept between calls, and its CUDA graph)."""
 
-    def __init__(self, model, *, rows, cache_len, prefix_len, max_new_tokens, sampling, backend):
+    def __init__(self, model, *, rows, cache_len, prefix_len, max_new_tokens, sampling, decode_backend):
         cfg, dev, dtype = model.config, model.device, model.dtype
         self.sampling = sampling
         self.shared = prefix_len > 0
@@ -130,7 +130,7 @@ class _DecodeState:
             self.cache_lens,
             prefix=self.prefix,
             prefix_len=prefix_len,
-            backend=backend,
+            decode_backend=decode_backend,
         )
         self.graphs = StepGraphs(dev)
 
@@ -153,16 +153,16 @@ class ARExecutor:
 
     Args:
         model: a causal :class:`~hybridkernels.models.Transformer` (Llama / Qwen2 / Qwen3
-            weights; see :meth:`from_pretrained` and :meth:`from_hf`). Its ``backend`` is the
-            prefill attention backend.
+            weights; see :meth:`from_pretrained` and :meth:`from_hf`). Its ``attention_backend`` is
+            the prefill attention backend.
         max_cache_len: fixed cache length (prompt incl. prefix + ``max_new_tokens`` must fit, else
             ``ValueError``); default: sized per call for the longest row + ``max_new_tokens``.
             A fixed length lets calls with different prompt lengths reuse one cache and graph.
         cuda_graph: capture the decode step in a CUDA graph (default: on CUDA devices; sampled
             decoding needs ``torch.cuda.CUDAGraph.register_generator_state``, else it runs eagerly).
         stop_check_every: steps between the host-side "all rows finished?" checks.
-        backend: backend of ``kv_append`` / ``decode_attention`` (None = auto: the ``_C``
-            extension, else the reference).
+        decode_backend: backend of ``kv_append`` / ``decode_attention`` (None = auto: the ``_C``
+            extension, else the reference). ``backend`` is its former name.
         max_cached_states: decode configurations (cache + buffers + graph) kept between calls.
     """
 
@@ -173,8 +173,9 @@ class ARExecutor:
         max_cache_len: int | None = None,
         cuda_graph: bool | None = None,
         stop_check_every: int = 16,
-        backend: str | None = None,
+        decode_backend: str | None = None,
         max_cached_states: int = 2,
+        backend: str | None = None,
     ):
         if not isinstance(model, Transformer):
             raise TypeError(
@@ -188,7 +189,7 @@ class ARExecutor:
         self.max_cache_len = max_cache_len
         self.cuda_graph = cuda_graph
         self.stop_check_every = stop_check_every
-        self.backend = backend
+        self.decode_backend = renamed("ARExecutor", "decode_backend", decode_backend, "backend", backend)
         self.max_cached_states = max_cached_states
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
 
@@ -197,7 +198,7 @@ class ARExecutor:
         """Load a local HF checkpoint directory (``config.json`` + safetensors); ``kwargs`` go to
         the constructor."""
         model = Transformer.from_pretrained(
-            path, dtype=dtype, device=device, causal=True, backend=attention_backend
+            path, dtype=dtype, device=device, causal=True, attention_backend=attention_backend
         )
         return cls(model, **kwargs)
 
@@ -205,7 +206,7 @@ class ARExecutor:
     def from_hf(cls, hf_model, *, dtype=None, device=None, attention_backend=None, **kwargs):
         """Wrap an in-memory HF causal LM (weights shared when dtype and device already match)."""
         model = Transformer.from_hf(
-            hf_model, dtype=dtype, device=device, causal=True, backend=attention_backend
+            hf_model, dtype=dtype, device=device, causal=True, attention_backend=attention_backend
         )
         return cls(model, **kwargs)
 
@@ -270,8 +271,8 @@ class ARExecutor:
         hook = PrefillHook(
             s.prefix if shared else s.cache,
             repeats=1 if shared else num_samples,
-            attention_backend=self.model.backend,
-            cache_backend=self.backend,
+            attention_backend=self.model.attention_backend,
+            decode_backend=self.decode_backend,
         )
         positions = torch.arange(S, device=dev)
         hidden = self.model(
@@ -491,7 +492,7 @@ class ARExecutor:
                 prefix_len=prefix_len,
                 max_new_tokens=max_new_tokens,
                 sampling=key[4],
-                backend=self.backend,
+                decode_backend=self.decode_backend,
             )
         self._states[key] = s
         return s

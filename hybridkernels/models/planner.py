@@ -124,7 +124,7 @@ class _Workspace:
                 dtype=model.dtype,
                 device=device,
                 key_padding_mask=self.valid,
-                backend=planner.backend,
+                attention_backend=planner.backend,
             )
         self.graphs = StepGraphs(device) if device.type == "cuda" else None
 
@@ -155,8 +155,8 @@ class DiffusionPlanner:
         model: the planner's transformer (run bidirectionally whatever its ``causal`` default).
         mask_id, eos_id, eot_id: special tokens; default from ``model.config``
             (``mask_token_id``, ``eos_token_ids[0]``, ``eot_token_id``).
-        backend: backend of the attention and unmask ops (``"triton"``, ``"reference"``, None =
-            the model's / auto).
+        backend: backend of every op the planner runs, attention and unmask (``"triton"``,
+            ``"reference"``, None = the model's / auto).
 
     The planner keeps the static buffers (K/V cache, tokens) and CUDA graphs of its last
     generation shape for the next call; :meth:`release` frees them (call it too after replacing
@@ -208,7 +208,7 @@ class DiffusionPlanner:
         """Load a LLaDA (or any Llama-family) checkpoint directory. ``mask_id``/``eos_id``/``eot_id``
         and ``backend`` as in the constructor; ``kwargs`` go to :meth:`Transformer.from_pretrained`
         (``dtype``, ``device``, ...)."""
-        model = Transformer.from_pretrained(path, causal=False, backend=backend, **kwargs)
+        model = Transformer.from_pretrained(path, causal=False, attention_backend=backend, **kwargs)
         return cls(model, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, backend=backend)
 
     def release(self) -> None:
@@ -303,7 +303,7 @@ class DiffusionPlanner:
             uncond = x.clone()
             uncond[:, :Lp] = self.mask_id
             ids = torch.cat([x, uncond])
-        fwd = dict(causal=False, compute_logits=False, backend=self.backend)
+        fwd = dict(causal=False, compute_logits=False, attention_backend=self.backend)
         if ws.kv is None:
             hidden = model(ids, ws.valid, position_ids=ws.pos, **fwd).hidden.index_select(1, slots)
         elif full:
@@ -480,7 +480,7 @@ class _Run:
                 position_ids=ws.pos[: self.B],
                 causal=False,
                 compute_logits=False,
-                backend=self.planner.backend,
+                attention_backend=self.planner.backend,
             )
             hidden = out.hidden[:, self.Lp :]
             self.forward_passes += 1
