@@ -259,7 +259,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     for i, (q, plan, answer) in enumerate(zip(args.question, out.plans, out.answers, strict=True)):
         print(f"[{i}] question: {q}")
-        print(f"    plan: {plan} latent vectors" if args.mode == "latent" else f"    plan: {plan}")
+        latent = f" (read as {out.stats.latent_vectors} latent vectors)" if args.mode == "latent" else ""
+        print(f"    plan: {plan}{latent}")
         print(f"    answer: {answer}")
     s = out.stats
     prefill = "-" if s.executor_prefill_s is None else f"{s.executor_prefill_s:.3f}s"

@@ -100,13 +100,14 @@ class PipelineStats:
 
 
 class PipelineOutput(NamedTuple):
-    """answers: decoded answers (one per question and sample). plans: the plan text (``text``,
-    ``ar``) or the number of latent vectors handed to the executor (``latent``). answer_ids /
+    """answers: decoded answers (one per question and sample). plans: the plan text (in ``latent``
+    mode the planner's tokens decoded, what its hidden states encode; ``stats.latent_vectors``
+    says how many vectors the executor read). answer_ids /
     plan_ids: token ids (answers without their EOS; the planner's plan up to its EOS).
     stats: :class:`PipelineStats`."""
 
     answers: list[str]
-    plans: list
+    plans: list[str]
     answer_ids: list[list[int]]
     plan_ids: list[list[int]]
     stats: PipelineStats
@@ -225,10 +226,9 @@ class HybridPipeline:
                 prefix = self.projector(hidden, dtype=e_model.dtype).to(e_model.device)
             projector_s = _now(e_model.device) - t0
             latent_vectors = prefix.shape[1]
-            plans: list = [latent_vectors] * len(questions)
             prompts = [self.templates.latent.format(question=q) for q in questions]
-        else:
-            plans = [decode(self.planner_tokenizer, p) for p in plan_ids]
+        plans = [decode(self.planner_tokenizer, p) for p in plan_ids]
+        if self.mode == "text":
             prompts = [
                 self.templates.text.format(question=q, plan=p) for q, p in zip(questions, plans, strict=True)
             ]

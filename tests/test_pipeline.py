@@ -85,7 +85,7 @@ def test_latent_mode_equals_executor_on_projected_hidden(parts):
     want = executor.generate(e_ids, e_mask, prefix, max_new_tokens=5, eos_token_id=e_tok.eos_token_id)
     assert out.answer_ids == strip(want.tokens, want.lengths, e_tok.eos_token_id)
     assert out.answers == [e_tok.decode(a, skip_special_tokens=True).strip() for a in out.answer_ids]
-    assert out.plans == [2, 2, 2]
+    assert out.plans == [p_tok.decode(p, skip_special_tokens=True).strip() for p in out.plan_ids]
     s = out.stats
     assert (s.mode, s.questions, s.latent_vectors, s.plan_tokens, s.plan_steps) == ("latent", 3, 2, 18, 6)
     assert s.answer_tokens == int(want.lengths.sum())
@@ -155,7 +155,7 @@ def test_naive_loops_give_the_same_answers(parts, mode):
 def test_kwargs_pass_through(parts):
     pipe = pipeline(parts, "latent")
     out = pipe(QUESTIONS[:2], planner_kwargs={"gen_length": 8, "steps": 4, "block_length": 8})
-    assert out.plans == [2, 2] and out.stats.plan_steps == 4 and out.stats.plan_tokens == 16
+    assert out.stats.latent_vectors == 2 and out.stats.plan_steps == 4 and out.stats.plan_tokens == 16
     out = pipe(QUESTIONS[:2], executor_kwargs={"max_new_tokens": 2})
     assert all(len(a) <= 2 for a in out.answer_ids)
     out = pipe("sea ?")  # one string = one question
@@ -223,7 +223,7 @@ def test_cli_generate_tiny_random_models(capsys):
         assert captured.out.count("answer:") == 2 and f"mode {mode}:" in captured.out
     assert cli.main(["generate", "hi", "--gen-length", "4", "--planner-steps", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["plans"] == [4] and out["stats"]["mode"] == "latent"
+    assert out["stats"]["latent_vectors"] == 4 and out["stats"]["mode"] == "latent"
 
 
 @pytest.fixture(scope="module")
