@@ -282,7 +282,7 @@ class DiffusionPlanner:
 
     # ------------------------------------------------------------------------------ one step
     def _step(
-        self, ws: _Workspace, key: _StepKey, full: bool, slots: torch.Tensor, key_length: int, generator
+        self, ws: _Workspace, key: _StepKey, full: bool, slots: torch.Tensor, queries: torch.Tensor, generator
     ):
         """One denoising step on the window ``slots``: forward, guidance, fused LM head + commit
         into ``ws.x``. Reads and writes only ``ws``'s tensors, so it can be captured and replayed
@@ -292,8 +292,9 @@ class DiffusionPlanner:
         * ``cache="dual"`` (Fast-dLLM's dual cache): a ``full`` step (a window's first, or every
           ``cache_refresh``-th) fills one K/V buffer per layer over the whole sequence; the others
           run the window's tokens only and attend the buffer: prompt, finished blocks and masked
-          suffix as of the refresh. ``cache="prefix"``: the same, attending up to ``key_length``
-          (the window's end).
+          suffix as of the refresh. ``cache="prefix"`` (Fast-dLLM's prefix cache): the cached
+          steps run the window *and the whole masked suffix* (``queries``, the slots from the
+          window's start to the end) against the buffer, so only the prefix is as of the refresh.
         * Guidance combines the final hidden states, ``h_u + (s + 1) (h_c - h_u)``, before the
           (linear) LM head: LLaDA's ``u + (s + 1) (c - u)`` on logits, up to rounding.
         """
@@ -310,9 +311,9 @@ class DiffusionPlanner:
             ws.kv.set_queries(ws.all_slots, ws.length)
             hidden = model(ids, position_ids=ws.pos, kv_cache=ws.kv, **fwd).hidden.index_select(1, slots)
         else:
-            ws.kv.set_queries(slots, key_length)
-            q_ids, q_pos = ids.index_select(1, slots), ws.pos.index_select(1, slots)
-            hidden = model(q_ids, position_ids=q_pos, kv_cache=ws.kv, **fwd).hidden
+            ws.kv.set_queries(queries, ws.length)
+            q_ids, q_pos = ids.index_select(1, queries), ws.pos.index_select(1, queries)
+            hidden = model(q_ids, position_ids=q_pos, kv_cache=ws.kv, **fwd).hidden[:, : slots.numel()]
         if key.cfg_scale > 0:
             cond, uncond = hidden.float().chunk(2)
             hidden = (uncond + (key.cfg_scale + 1) * (cond - uncond)).to(model.dtype)
@@ -349,18 +350,16 @@ class DiffusionPlanner:
         x.index_copy_(1, slots, window)
         ws.count.copy_(committed.sum(dim=1))
 
-    def _run_step(
-        self, ws: _Workspace, key: _StepKey, full, slots, key_length, generator, graphs: bool
-    ) -> bool:
+    def _run_step(self, ws: _Workspace, key: _StepKey, full, slots, queries, generator, graphs: bool) -> bool:
         """Run one step eagerly, or through the workspace's CUDA graphs (:class:`StepGraphs`).
         Returns whether it replayed a graph."""
         if not graphs:
-            self._step(ws, key, full, slots, key_length, generator)
+            self._step(ws, key, full, slots, queries, generator)
             return False
-        # Only a cached (not full) step reads key_length; keying the others on it would give the
-        # prefix cache's refreshes one graph per block, each never replayed.
-        gkey = (key, full, slots.numel(), key_length if ws.kv is not None and not full else None)
-        return ws.graphs.run(gkey, lambda: self._step(ws, key, full, slots, key_length, generator))
+        # Only a cached (not full) step reads its query slots; keying the others on them would give
+        # the prefix cache's refreshes one graph per block, each never replayed.
+        gkey = (key, full, slots.numel(), queries.numel() if ws.kv is not None and not full else None)
+        return ws.graphs.run(gkey, lambda: self._step(ws, key, full, slots, queries, generator))
 
 
 class _Run:
@@ -427,12 +426,13 @@ class _Run:
                 if all_done:
                     self.skipped = sched.num_stages - stage
                     return
-            key_length = stop if o.cache == "prefix" else ws.length
             rows, slots, window_steps = None, None, 0
             # Steps that commit nothing are skipped, unless they would consume random draws.
             for plan in sched.stage_plans(x, mask_id, stage, first=first, skip_idle=not o.randomness):
                 if (plan.start, plan.stop) != rows:
                     rows, slots = (plan.start, plan.stop), ws.window(plan.start, plan.stop)
+                    # The prefix cache's cached steps also recompute the masked suffix.
+                    queries = ws.window(plan.start, ws.length) if o.cache == "prefix" else slots
                 if plan.num_transfer is not None:
                     ws.num_transfer.copy_(plan.num_transfer)
                 full = (
@@ -446,7 +446,7 @@ class _Run:
                         self.step_key(plan.threshold),
                         full,
                         slots,
-                        key_length,
+                        queries,
                         self.generator,
                         self.use_graphs,
                     )
