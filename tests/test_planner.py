@@ -5,6 +5,7 @@ options, CUDA-graph path and input errors."""
 import pytest
 import torch
 from conftest import HAS_CUDA, requires_cuda
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridkernels.models import (
     DiffusionKVCache,
@@ -14,8 +15,10 @@ from hybridkernels.models import (
     TransformerConfig,
     save_pretrained,
 )
+from hybridkernels.models.loading import to_external_name
 from hybridkernels.models.planner import _ends_in_eos
 from hybridkernels.ops._dispatch import triton_unavailable_reason
+from hybridkernels.reference import get_num_transfer_tokens as reference_num_transfer
 from hybridkernels.reference import llada_generate
 from hybridkernels.schedules import FixedKSchedule
 
@@ -418,3 +421,65 @@ def test_from_pretrained_takes_the_constructor_ids(tmp_path):
         tmp_path, mask_id=MASK - 1, eos_id=EOS + 1, eot_id=EOT, backend="reference"
     )
     assert (planner.mask_id, planner.eos_id, planner.eot_id) == (MASK - 1, EOS + 1, EOT)
+
+
+def _fastdllm_prefix_cache(hf, prompt, *, gen_length, block_length, steps):
+    """Fast-dLLM's ``generate_with_prefix_cache`` (low confidence, temperature 0, no padding) on an
+    HF Llama run bidirectionally, written from its published algorithm: a full forward at each
+    block start fills the cache and makes the block's first commit; the cache is cut to the prefix;
+    every later step runs ``x[:, start:]`` (block and masked suffix) over that prefix cache."""
+    B, Lp = prompt.shape
+    L = Lp + gen_length
+    x = torch.full((B, L), MASK)
+    x[:, :Lp] = prompt
+    per_block = steps // (gen_length // block_length)
+
+    def forward(ids, start, cache):
+        q = ids.shape[1]
+        mask4d = torch.zeros(B, 1, q, L)  # every query sees every key
+        pos = torch.arange(start, L).expand(B, -1)
+        return hf(
+            input_ids=ids, attention_mask=mask4d, position_ids=pos, past_key_values=cache, use_cache=True
+        )
+
+    def commit(logits, x_part, block_rows, n):
+        masked = x_part == MASK
+        masked[:, block_rows:] = False
+        p = torch.softmax(logits.double(), -1)
+        x0 = p.argmax(-1)
+        conf = torch.where(masked, p.gather(-1, x0[..., None])[..., 0], -torch.inf)
+        for b in range(B):
+            idx = torch.topk(conf[b], int(n[b])).indices
+            x_part[b, idx] = x0[b, idx]
+
+    for start in range(Lp, L, block_length):
+        stop = start + block_length
+        table = reference_num_transfer(x[:, start:stop] == MASK, per_block)
+        with torch.no_grad():
+            out = forward(x, 0, None)
+            commit(out.logits, x, stop, table[:, 0])  # x[:, :stop]: positions after the block never
+            cache = out.past_key_values
+            cache.crop(start - L)  # keep the prefix (a negative crop works across transformers versions)
+            i = 1
+            while (x[:, start:stop] == MASK).any():
+                logits = forward(x[:, start:], start, cache).logits
+                cache.crop(start - L)
+                commit(logits, x[:, start:], block_length, table[:, i])
+                i += 1
+    return x
+
+
+def test_prefix_cache_equals_fast_dllm_prefix_cache():
+    """cache='prefix' commits what Fast-dLLM's prefix cache commits, token for token at T=0, on
+    the same weights in HF's (independent) Llama implementation; 2 layers, so it is not exact."""
+    model = tiny(layers=2, kv_heads=2)
+    hf = LlamaForCausalLM(LlamaConfig(**model.config.to_dict("llama"), attn_implementation="eager"))
+    hf.load_state_dict({to_external_name(n, "hf"): t for n, t in model.state_dict().items()}, strict=False)
+    hf.eval()
+    prompt = torch.randint(0, V - 1, (2, LP), generator=torch.Generator().manual_seed(3))
+    planner = DiffusionPlanner(model)
+    for kw in (dict(gen_length=16, block_length=4, steps=16), dict(gen_length=16, block_length=8, steps=8)):
+        want = _fastdllm_prefix_cache(hf, prompt, **kw)
+        got = planner.generate(prompt, cache="prefix", **kw)
+        assert torch.equal(got.tokens, want), kw
+        assert not torch.equal(got.tokens, planner.generate(prompt, **kw).tokens)  # an approximation
