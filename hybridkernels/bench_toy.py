@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -50,52 +51,175 @@ class QualityRow:
     params: dict = dataclasses.field(default_factory=dict)
 
 
-class _Planned:
+class _Planned(NamedTuple):
     """What a planner method produced: generated tokens ``[B, G]``, steps and forward passes."""
 
-    def __init__(self, generated, steps, forward_passes):
-        self.generated, self.steps, self.forward_passes = generated, steps, forward_passes
+    generated: torch.Tensor
+    steps: int
+    forward_passes: int
 
 
-def planner_methods(toy, ids, mask, gen: int, block: int) -> dict[str, tuple[Callable, dict]]:
-    """Name -> (call returning :class:`_Planned`, row params) for every planner decoding mode."""
-    from .models.planner_options import PlannerOptions
-    from .reference.llada import llada_generate
+class _Method(NamedTuple):
+    """One timed method: its call, the name of the method its speedup is over, row params."""
 
-    planner = toy.planner
-    ids_kw = {"eos_id": planner.eos_id, "eot_id": planner.eot_id}
+    call: Callable[[], object]
+    baseline: str
+    params: dict
 
-    def naive():
-        x, stats = llada_generate(
-            planner.model,
-            ids,
-            mask,
-            mask_id=planner.mask_id,
-            gen_length=gen,
-            steps=gen,
-            block_length=block,
-            return_stats=True,
-            **ids_kw,
+
+class ToyBench:
+    """The toy preset's methods on one batch of held-out problems, and the rows from their outputs."""
+
+    def __init__(self, models, questions: list[str], device: torch.device, *, n: int, block: int | None):
+        from .toy import config as cfg
+
+        self.models, self.questions, self.device = models, questions, device
+        self.gen = cfg.gen_length(n)
+        self.block = self.gen // BLOCKS if block is None else block
+        self.plan_max, self.answer_max = cfg.PLAN_MAX_NEW_TOKENS[n], cfg.ANSWER_MAX_NEW_TOKENS[n]
+        self.eos = models.executor_tokenizer.eos_token_id
+        t = models.templates
+        self.p_ids, self.p_mask = self._encode(
+            models.planner_tokenizer, [t.planner.format(question=q) for q in questions]
         )
-        return _Planned(x[:, ids.shape[1] :], stats.committed.shape[0], stats.forward_passes)
+        self.e_ids, self.e_mask = self._encode(
+            models.executor_tokenizer, [t.latent.format(question=q) for q in questions]
+        )
 
-    def fast(options):
-        out = planner.generate(ids, mask, options)
-        return _Planned(out.generated, out.stats.steps, out.stats.forward_passes)
+    def _encode(self, tokenizer, texts):
+        from .models.prompting import encode_prompts
 
-    methods = {"naive LLaDA loop, 1 token/step": (naive, {"cache": None, "rule": "1/step", "naive": True})}
-    for cache in (None, "prefix", "dual"):
-        label = {None: "no cache", "prefix": "prefix cache", "dual": "dual cache"}[cache]
-        for threshold in (None, *THRESHOLDS):
-            rule = "1 token/step" if threshold is None else f"threshold {threshold}"
-            opts = PlannerOptions(
-                gen_length=gen, steps=gen, block_length=block, cache=cache, threshold=threshold
-            )
-            methods[f"{label}, {rule}"] = (partial(fast, opts), {"cache": cache, "rule": rule})
-    for k in NAP_K:
-        opts = PlannerOptions(gen_length=gen, steps=math.ceil(gen / k), schedule="parallel", parallel_k=k)
-        methods[f"parallel-forced (NAP) k={k}"] = (partial(fast, opts), {"cache": None, "rule": f"NAP k={k}"})
-    return methods
+        avoid = self.models.planner.mask_id if tokenizer is self.models.planner_tokenizer else None
+        return encode_prompts(tokenizer, texts, device=self.device, avoid=avoid, where="bench")
+
+    # ------------------------------------------------------------------ methods
+    def planner_methods(self) -> dict[str, _Method]:
+        """Every planner decoding mode; the first is the naive loop the others are compared with."""
+        from .models.planner_options import PlannerOptions
+        from .reference.llada import llada_generate
+
+        planner, gen, block, ids, mask = self.models.planner, self.gen, self.block, self.p_ids, self.p_mask
+        naive_name = "naive LLaDA loop, 1 token/step"
+
+        def naive():
+            x, stats = llada_generate(
+                planner.model, ids, mask, mask_id=planner.mask_id, eos_id=planner.eos_id,
+                eot_id=planner.eot_id, gen_length=gen, steps=gen, block_length=block, return_stats=True,
+            )  # fmt: skip
+            return _Planned(x[:, ids.shape[1] :], stats.committed.shape[0], stats.forward_passes)
+
+        def fast(options):
+            out = planner.generate(ids, mask, options)
+            return _Planned(out.generated, out.stats.steps, out.stats.forward_passes)
+
+        methods = {naive_name: _Method(naive, naive_name, {"cache": None, "rule": "1 token/step"})}
+        for cache, label in ((None, "no cache"), ("prefix", "prefix cache"), ("dual", "dual cache")):
+            for threshold in (None, *THRESHOLDS):
+                rule = "1 token/step" if threshold is None else f"threshold {threshold}"
+                opts = PlannerOptions(
+                    gen_length=gen, steps=gen, block_length=block, cache=cache, threshold=threshold
+                )
+                params = {"cache": cache, "rule": rule}
+                methods[f"{label}, {rule}"] = _Method(partial(fast, opts), naive_name, params)
+        for k in NAP_K:
+            opts = PlannerOptions(gen_length=gen, steps=math.ceil(gen / k), schedule="parallel", parallel_k=k)
+            params = {"cache": None, "rule": f"NAP k={k}"}
+            methods[f"parallel-forced (NAP) k={k}"] = _Method(partial(fast, opts), naive_name, params)
+        return methods
+
+    def pipeline_methods(self) -> dict[str, _Method]:
+        """The naive twins first (baselines), then the executor alone, AR->AR, text and latent."""
+        from .pipeline import HybridPipeline
+        from .reference.ar_loop import ar_generate
+
+        m, gen = self.models, self.gen
+        executor_kw = {"max_new_tokens": self.answer_max, "plan_max_new_tokens": self.plan_max}
+        executor_kw["eos_token_id"] = self.eos
+        exact = {"gen_length": gen, "steps": gen, "block_length": self.block}
+        fast = exact | {"cache": "dual", "threshold": THRESHOLDS[0]}
+
+        def pipe(mode, planner_kwargs=exact, naive=False):
+            pipeline = HybridPipeline(
+                m.planner, m.executor, m.projector, mode=mode, planner_tokenizer=m.planner_tokenizer,
+                executor_tokenizer=m.executor_tokenizer, templates=m.templates,
+                planner_kwargs=planner_kwargs, executor_kwargs=executor_kw, naive=naive,
+            )  # fmt: skip
+            return partial(pipeline, self.questions)
+
+        alone = {"max_new_tokens": self.answer_max, "eos_token_id": self.eos}
+        naive = {
+            "executor alone, naive loop": partial(
+                ar_generate, m.executor.model, self.e_ids, self.e_mask, **alone),
+            "AR->AR, naive loops": pipe("ar", naive=True),
+            "text, naive loops": pipe("text", naive=True),
+            "latent, naive loops": pipe("latent", naive=True),
+        }  # fmt: skip
+        methods = {name: _Method(call, name, {"naive": True}) for name, call in naive.items()}
+        ours = {
+            "executor alone (no plan)": (
+                partial(m.executor.generate, self.e_ids, self.e_mask, **alone), "executor alone, naive loop"),
+            "AR->AR (executor plans, then answers)": (pipe("ar"), "AR->AR, naive loops"),
+            "text: planner 1 token/step -> executor": (pipe("text"), "text, naive loops"),
+            "latent: planner 1 token/step -> projector -> executor": (pipe("latent"), "latent, naive loops"),
+            "text: planner dual cache + threshold 0.9 -> executor": (pipe("text", fast), "text, naive loops"),
+            "latent: planner dual cache + threshold 0.9 -> executor": (
+                pipe("latent", fast), "latent, naive loops"),
+        }  # fmt: skip
+        for name, (call, baseline) in ours.items():
+            methods[name] = _Method(call, baseline, {"ar": name.startswith("AR->AR")})
+        return methods
+
+    # ------------------------------------------------------------------ rows
+    def accuracy(self, check, texts) -> float:
+        return sum(check(q, t) for q, t in zip(self.questions, texts, strict=True)) / len(self.questions)
+
+    def answers_from_plans(self, plans: list[str]) -> list[str]:
+        """The executor's greedy answers from ``plans`` (text mode's prompt)."""
+        t = self.models.templates
+        ids, mask = self._encode(
+            self.models.executor_tokenizer,
+            [t.text.format(question=q, plan=p) for q, p in zip(self.questions, plans, strict=True)],
+        )
+        out = self.models.executor.generate(ids, mask, max_new_tokens=self.answer_max, eos_token_id=self.eos)
+        return self._decode_rows(out)
+
+    def _decode_rows(self, out) -> list[str]:
+        from .models.prompting import decode
+
+        tok = self.models.executor_tokenizer
+        return [decode(tok, row[: int(n)]) for row, n in zip(out.tokens, out.lengths, strict=True)]
+
+    def row(self, group: str, name: str, method: _Method, out, timings) -> QualityRow:
+        """The row of one method from its output (the warm-up round's) and the timings."""
+        from .models.prompting import decode
+        from .pipeline import PipelineOutput
+        from .toy import countdown
+
+        t, base, B, gen = timings[name], timings[method.baseline], len(self.questions), self.gen
+        plan_acc = tokens_per_step = passes = executor_tokens = None
+        if isinstance(out, _Planned):
+            p = self.models.planner
+            plans = [decode(self.models.planner_tokenizer, _cut(r.tolist(), p)) for r in out.generated]
+            answers, plan_acc = self.answers_from_plans(plans), self.accuracy(countdown.check_plan, plans)
+            generated, tokens_per_step, passes = B * gen, gen / out.steps, out.forward_passes
+        elif isinstance(out, PipelineOutput):
+            s = out.stats
+            answers, plan_acc = out.answers, self.accuracy(countdown.check_plan, out.plans)
+            executor_tokens = (s.answer_tokens + (s.plan_tokens if method.params["ar"] else 0)) / B
+            generated, passes = s.plan_tokens + s.answer_tokens, s.plan_forward_passes
+            tokens_per_step = None if method.params["ar"] else gen / s.plan_steps
+        else:  # the executor alone
+            answers, generated = self._decode_rows(out), float(out.lengths.sum())
+            executor_tokens = generated / B
+        return QualityRow(
+            group=group, method=name, answer_accuracy=self.accuracy(countdown.check_answer, answers),
+            plan_accuracy=plan_acc, tokens_per_s=generated / t.median, speedup=base.median / t.median,
+            tokens_per_step=tokens_per_step, forward_passes=passes, executor_tokens=executor_tokens,
+            ms_per_question=1e3 * t.median / B, spread=t.spread, trusted=t.trusted,
+            params=method.params | {
+                "gen_length": gen, "block_length": self.block, "baseline": method.baseline,
+                "baseline_ms_per_question": 1e3 * base.median / B},
+        )  # fmt: skip
 
 
 def run_toy(
@@ -114,11 +238,7 @@ def run_toy(
     """Load the shipped toy models, answer ``problems`` held-out Countdown problems with ``n``
     inputs in every mode, and print / write the accuracy + speed table. Timed rounds stop early
     (after at least 2) once ``time_budget_s`` is spent; the output says how many ran."""
-    from .models.prompting import decode, encode_prompts
-    from .pipeline import HybridPipeline
-    from .reference.ar_loop import ar_generate
-    from .toy import config as cfg
-    from .toy import countdown, heldout_problems, load_toy
+    from .toy import heldout_problems, load_toy
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -129,185 +249,28 @@ def run_toy(
         # 50x slower). One thread is the fast and the stable setting.
         torch.set_num_threads(1)
     t_start = time.perf_counter()
-    models = load_toy(device=dev)
-    gen = cfg.gen_length(n)
-    block = gen // BLOCKS if block_length is None else block_length
-    plan_max, answer_max = cfg.PLAN_MAX_NEW_TOKENS[n], cfg.ANSWER_MAX_NEW_TOKENS[n]
-    held_out = heldout_problems(n, problems)  # the first of the problems accuracy.json was measured on
-    questions = [p.question for p in held_out]
+    questions = [p.question for p in heldout_problems(n, problems)]  # accuracy.json's first ones
+    bench = ToyBench(load_toy(device=dev), questions, dev, n=n, block=block_length)
     print(
-        f"hybridkernels bench --preset toy: the shipped trained planner and executor on {problems} held-out "
-        f"Countdown problems with {n} inputs, batched, on {dev}; plan {gen} tokens (blocks of {block}), "
-        f"answer <= {answer_max} tokens; every method timed round-robin, {rounds} rounds (median)"
+        f"hybridkernels bench --preset toy: the shipped trained planner and executor on {len(questions)} "
+        f"held-out Countdown problems with {n} inputs, batched, on {dev}; plan {bench.gen} tokens (blocks "
+        f"of {bench.block}), answer <= {bench.answer_max} tokens; every method timed round-robin"
     )
-    p_tok, e_tok, templates = models.planner_tokenizer, models.executor_tokenizer, models.templates
-    p_ids, p_mask = encode_prompts(
-        p_tok,
-        [templates.planner.format(question=q) for q in questions],
-        device=dev,
-        avoid=models.planner.mask_id,
-        where="bench",
-    )
-    planner = planner_methods(models, p_ids, p_mask, gen, block)
-
-    eos = e_tok.eos_token_id
-    executor_kw = {"max_new_tokens": answer_max, "plan_max_new_tokens": plan_max, "eos_token_id": eos}
-    base_opts = {"gen_length": gen, "steps": gen, "block_length": block}
-    fast_opts = base_opts | {"cache": "dual", "threshold": THRESHOLDS[0]}
-
-    def pipe(mode, naive=False, planner_kwargs=base_opts):
-        return HybridPipeline(
-            models.planner,
-            models.executor,
-            models.projector,
-            mode=mode,
-            planner_tokenizer=p_tok,
-            executor_tokenizer=e_tok,
-            templates=templates,
-            planner_kwargs=planner_kwargs,
-            executor_kwargs=executor_kw,
-            naive=naive,
-        )
-
-    alone_ids, alone_mask = encode_prompts(
-        e_tok, [templates.latent.format(question=q) for q in questions], device=dev, where="bench"
-    )
-    alone = {
-        "fast": partial(
-            models.executor.generate, alone_ids, alone_mask, max_new_tokens=answer_max, eos_token_id=eos
-        ),
-        "naive": partial(
-            ar_generate,
-            models.executor.model,
-            alone_ids,
-            alone_mask,
-            max_new_tokens=answer_max,
-            eos_token_id=eos,
-        ),
-    }
-    # name -> (fast call, the name of its naive twin, row params)
-    pipelines = {
-        "executor alone (no plan)": (alone["fast"], "executor alone, naive loop", {"mode": "none"}),
-        "AR->AR (executor plans, then answers)": (
-            partial(pipe("ar"), questions),
-            "AR->AR, naive loops",
-            {"mode": "ar"},
-        ),
-        "text: planner 1 token/step -> executor": (
-            partial(pipe("text"), questions),
-            "text, naive loops",
-            {"mode": "text"},
-        ),
-        "latent: planner 1 token/step -> projector -> executor": (
-            partial(pipe("latent"), questions),
-            "latent, naive loops",
-            {"mode": "latent"},
-        ),
-        "text: planner dual cache + threshold 0.9 -> executor": (
-            partial(pipe("text", planner_kwargs=fast_opts), questions),
-            "text, naive loops",
-            {"mode": "text"},
-        ),
-        "latent: planner dual cache + threshold 0.9 -> executor": (
-            partial(pipe("latent", planner_kwargs=fast_opts), questions),
-            "latent, naive loops",
-            {"mode": "latent"},
-        ),
-    }
-    naive_pipelines = {
-        "executor alone, naive loop": alone["naive"],
-        "AR->AR, naive loops": partial(pipe("ar", naive=True), questions),
-        "text, naive loops": partial(pipe("text", naive=True), questions),
-        "latent, naive loops": partial(pipe("latent", naive=True), questions),
-    }
-    fns = {name: fn for name, (fn, _) in planner.items()}
-    fns |= {name: fn for name, (fn, _, _) in pipelines.items()} | naive_pipelines
+    groups = {"planner": bench.planner_methods(), "pipeline": bench.pipeline_methods()}
+    fns = {name: m.call for methods in groups.values() for name, m in methods.items()}
     print(f"  timing {len(fns)} methods: one warm-up round, then {rounds} timed rounds ...", file=sys.stderr)
     timings, outputs = benchmarking.time_alternating(
         fns, dev, rounds=rounds, warmup=1, time_budget_s=time_budget_s
     )
     rounds_run = len(next(iter(timings.values())).seconds)
     if rounds_run < rounds:
-        print(
-            f"  time budget of {time_budget_s:.0f} s reached after {rounds_run} timed rounds", file=sys.stderr
-        )
-
-    # ------------------------------------------------------------------ accuracy of each method
-    def answers_from_plans(plans: list[str]) -> list[str]:
-        ids, mask = encode_prompts(
-            e_tok,
-            [templates.text.format(question=q, plan=p) for q, p in zip(questions, plans, strict=True)],
-            device=dev,
-            where="bench",
-        )
-        out = models.executor.generate(ids, mask, max_new_tokens=answer_max, eos_token_id=eos)
-        return [decode(e_tok, row[: int(n_)]) for row, n_ in zip(out.tokens, out.lengths, strict=True)]
-
-    def accuracy(check, texts) -> float:
-        return sum(check(q, t) for q, t in zip(questions, texts, strict=True)) / len(questions)
-
-    B = len(questions)
-    rows: list[QualityRow] = []
-    naive_planner = timings[next(iter(planner))].median
-    for name, (_, params) in planner.items():
-        out, t = outputs[name], timings[name]
-        plans = [decode(p_tok, _cut(row.tolist(), models.planner)) for row in out.generated]
-        rows.append(
-            QualityRow(
-                group="planner",
-                method=name,
-                answer_accuracy=accuracy(countdown.check_answer, answers_from_plans(plans)),
-                plan_accuracy=accuracy(countdown.check_plan, plans),
-                tokens_per_s=B * gen / t.median,
-                speedup=naive_planner / t.median,
-                tokens_per_step=gen / out.steps,
-                forward_passes=out.forward_passes,
-                executor_tokens=None,
-                ms_per_question=1e3 * t.median / B,
-                spread=t.spread,
-                trusted=t.trusted,
-                params=params | {"gen_length": gen, "block_length": block},
-            )
-        )
-    for name, (_, naive_name, params) in pipelines.items():
-        out, t = outputs[name], timings[name]
-        naive_t = timings[naive_name]
-        if params["mode"] == "none":
-            answers = [decode(e_tok, row[: int(n_)]) for row, n_ in zip(out.tokens, out.lengths, strict=True)]
-            executor_tokens, plan_tokens, plan_acc, passes, steps = (
-                float(out.lengths.sum()) / B,
-                0,
-                None,
-                None,
-                None,
-            )
-        else:
-            answers, s = out.answers, out.stats
-            executor_tokens = (s.answer_tokens + (s.plan_tokens if params["mode"] == "ar" else 0)) / B
-            plan_tokens = s.plan_tokens
-            plan_acc = accuracy(countdown.check_plan, out.plans)
-            passes = s.plan_forward_passes
-            steps = None if params["mode"] == "ar" else gen / s.plan_steps
-        generated = plan_tokens + executor_tokens * B if params["mode"] != "ar" else executor_tokens * B
-        rows.append(
-            QualityRow(
-                group="pipeline",
-                method=name,
-                answer_accuracy=accuracy(countdown.check_answer, answers),
-                plan_accuracy=plan_acc,
-                tokens_per_s=generated / t.median,
-                speedup=naive_t.median / t.median,
-                tokens_per_step=steps,
-                forward_passes=passes,
-                executor_tokens=executor_tokens,
-                ms_per_question=1e3 * t.median / B,
-                spread=t.spread,
-                trusted=t.trusted,
-                params=params
-                | {"naive_ms_per_question": 1e3 * naive_t.median / B, "naive_spread": naive_t.spread},
-            )
-        )
-
+        print(f"  time budget of {time_budget_s:.0f} s reached after {rounds_run} rounds", file=sys.stderr)
+    rows = [
+        bench.row(group, name, m, outputs[name], timings)
+        for group, methods in groups.items()
+        for name, m in methods.items()
+        if not m.params.get("naive") or group == "planner"
+    ]
     elapsed = time.perf_counter() - t_start
     print(format_quality_table(rows))
     for line in target_checks(rows):
@@ -317,12 +280,11 @@ def run_toy(
         "preset": "toy",
         "command": command,
         "environment": benchmarking.environment(dev),
-        "problems": B,
+        "problems": len(questions),
         "difficulty": n,
-        "heldout_seed": cfg.HELDOUT_SEED,
         "rounds": rounds_run,
-        "gen_length": gen,
-        "block_length": block,
+        "gen_length": bench.gen,
+        "block_length": bench.block,
         "max_spread": benchmarking.MAX_SPREAD,
         "seconds": elapsed,
         "note": "trained toy models (hybridkernels.toy); accuracy on held-out Countdown problems; "
