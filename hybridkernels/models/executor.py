@@ -1,36 +1,12 @@
 """``ARExecutor``: autoregressive decoding over a static KV cache (the "sequential answering" half).
 
-One generate call:
-
-1. **Prompt.** Rows are ``prefix_embeds [B, P, d]`` (projected latents, optional) followed by the
-   embeddings of the left-padded ``input_ids [B, L]``. Rotary positions count valid tokens only:
-   the prefix gets ``0 .. P-1``, the prompt continues after it (HF ``generate`` with
-   ``inputs_embeds = cat(prefix_embeds, embed(input_ids))`` and a ``cat(ones, attention_mask)``
-   mask computes the same positions). The rows are then *packed*: each row's valid tokens move
-   to the front (a gather), padding to the end. Causal attention then needs no mask for the valid
-   queries, a row's cache holds its tokens in slots ``0 .. n_b - 1`` with no holes, and
-   ``decode_attention``'s per-row ``cache_lens`` is all the masking decoding needs.
-2. **Prefill** (eager): one forward over the packed rows with the causal attention op
-   (``ops.bidirectional_attention(causal=True)``: Triton on a GPU), writing K/V into the
-   preallocated cache with ``ops.kv_append``; the first token comes from each row's last logits.
-3. **Decode**: one token per step and row, ``ops.kv_append`` + ``ops.decode_attention`` (the
-   ``_C`` split-KV kernel on a GPU, its C++ path on the CPU). The step only reads and writes
-   static device buffers (token, position, cache lengths, finished flags, output columns), so on
-   CUDA the same step function that runs eagerly is captured once in a CUDA graph and replayed.
-   The only host syncs in the loop are stop checks every ``stop_check_every`` steps (when an EOS
-   id is given).
-
-``num_samples = n > 1`` decodes ``n`` samples per prompt row (output row ``b * n + s``) from one
-prefill. **Shared prefix** (``B == 1``, the planner's case: one latent prefix, many answers): the
-prompt's K/V are stored once, ``[1, n_0, Hkv, D]`` per layer, and every sample's own tokens live in
-its own rows of a ``[n, max_new_tokens]`` cache; ``decode_attention(prefix=(k, v, n_0))`` merges
-the two by log-sum-exp (cascade). A prompt of ``B > 1`` rows has a different prefix per row, and
-the op's prefix is one for the whole batch, so then the prefill's K/V are written ``n`` times
-(rows ``b * n .. b * n + n - 1``, prefill compute still once) and decoding attends plain caches.
-Left padding never reaches the shared prefix: packing removes it (a ``B == 1`` row's pads just
-drop out).
-
-Token choice and stopping follow :mod:`hybridkernels.reference.ar_loop` (HF semantics).
+One generate call packs the rows (optional ``prefix_embeds`` then the left-padded prompt, valid
+tokens moved to the front), prefills them once with the causal attention op writing K/V through
+``ops.kv_append``, then decodes one token per step with ``ops.kv_append`` + ``ops.decode_attention``
+(``_C``'s split-KV kernel). The decode step reads and writes only static buffers, so on CUDA it is
+captured in a CUDA graph and replayed; the only host syncs are the periodic stop checks.
+``num_samples > 1`` decodes several samples per prompt from one prefill, sharing the prompt's K/V
+(cascade) when there is one prompt. Token choice and stopping follow HF ``generate``.
 """
 
 from __future__ import annotations
@@ -241,10 +217,23 @@ class ARExecutor:
                 after ``top_k`` (keep the k most likely) and ``top_p`` (nucleus) filtering.
             eos_token_id: int or list of ints; a row stops after emitting one.
             pad_token_id: what finished rows emit (default: the first EOS id, else 0).
-            num_samples: samples per row (see the module docstring for the shared prefix).
+            num_samples: samples per row (the prompt's K/V shared when ``B == 1``, see below).
             seed: seeds the sampling generator (reproducible); None draws a fresh seed.
 
         Returns a :class:`GenerationOutput`.
+
+        Positions count valid tokens only (the prefix gets ``0 .. P-1``, the prompt continues after
+        it), as HF ``generate`` computes them for ``inputs_embeds = cat(prefix_embeds,
+        embed(input_ids))`` and a ``cat(ones, attention_mask)`` mask. Packing each row's valid
+        tokens to the front means causal attention needs no mask, a row's cache holds its tokens in
+        slots ``0 .. n_b - 1``, and ``decode_attention``'s per-row ``cache_lens`` is all the masking
+        decoding needs.
+
+        Samples: output row ``b * n + s``. With one prompt row (the planner's case: one latent
+        prefix, many answers) its K/V are stored once, ``[1, n_0, Hkv, D]`` per layer, each sample's
+        own tokens in its row of an ``[n, max_new_tokens]`` cache, and ``decode_attention(prefix=(k,
+        v, n_0))`` merges the two by log-sum-exp. With ``B > 1`` rows the op's single prefix cannot
+        serve every row, so the prefill's K/V are written ``n`` times (computed once).
         """
         x, lengths = self._packed_prompt(input_ids, attention_mask, prefix_embeds)
         sampling = self._sampling(temperature, top_k, top_p, eos_token_id, pad_token_id)
