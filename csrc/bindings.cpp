@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -49,6 +50,26 @@ View4 make_view(const char* name, uintptr_t ptr, const std::vector<int64_t>& str
   return make_strided<View4>(name, ptr, strides);
 }
 
+// Product of `sizes` (each >= 0); fails naming `name` when it overflows int64.
+int64_t checked_numel(const char* name, std::initializer_list<int64_t> sizes) {
+  int64_t n = 1;
+  for (int64_t s : sizes)
+    HK_CHECK(mul_fits(n, s, &n), name, ": the element count overflows int64");
+  return n;
+}
+
+// Every byte offset of a view of `sizes` with the view's strides must be computable without
+// overflowing int64: the kernels index with int64 arithmetic.
+template <typename View>
+void check_extent(const char* name, const View& v, std::initializer_list<int64_t> sizes,
+                  int64_t elem_size) {
+  constexpr int N = sizeof(View::stride) / sizeof(int64_t);
+  HK_CHECK(int(sizes.size()) == N, name, ": internal error (rank)");
+  checked_numel(name, sizes);
+  HK_CHECK(view_extent_bytes(sizes.begin(), v.stride, N, elem_size) >= 0, name,
+           ": sizes x strides overflow int64 (the view spans more than 2^63 bytes)");
+}
+
 #ifdef HK_WITH_CUDA
 void check_device_pointer(const char* name, const void* ptr, int device) {
   cudaPointerAttributes attr{};
@@ -76,6 +97,8 @@ void check_rope_table(const char* name, uintptr_t ptr, int dtype, const std::vec
   HK_CHECK(strides[1] == 1 || shape[1] == 1, name, ": columns must be contiguous (stride 1), got ",
            strides[1]);
   HK_CHECK(strides[0] >= 0, name, ": negative row stride ", strides[0]);
+  const int64_t sizes[2] = {shape[0], shape[1]}, st[2] = {strides[0], strides[1]};
+  HK_CHECK(view_extent_bytes(sizes, st, 2, 4) >= 0, name, ": sizes x strides overflow int64");
 }
 
 void kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t v_new,
@@ -115,6 +138,10 @@ void kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t 
   a.positions_dtype = positions_dtype;
   a.elem_size = dtype_size(dtype);
   a.dtype = dtype;
+  check_extent("k_cache", a.k_cache, {a.B, a.Lmax, a.H, a.D}, a.elem_size);
+  check_extent("v_cache", a.v_cache, {a.B, a.Lmax, a.H, a.D}, a.elem_size);
+  check_extent("k_new", a.k_new, {a.B, T, a.H, a.D}, a.elem_size);
+  check_extent("v_new", a.v_new, {a.B, T, a.H, a.D}, a.elem_size);
 
   const bool rope = rope_cos != 0 || rope_sin != 0;
   if (rope) {
@@ -142,6 +169,9 @@ void kv_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t 
                "rope_positions: expected shape [", a.B, "] or [", a.B, ", ", T, "]");
       for (size_t i = 0; i < nd; ++i)
         HK_CHECK(rope_positions_strides[i] >= 0, "rope_positions: negative stride");
+      HK_CHECK(view_extent_bytes(rope_positions_shape.data(), rope_positions_strides.data(),
+                                 int(nd), dtype_size(rope_positions_dtype)) >= 0,
+               "rope_positions: sizes x strides overflow int64");
       a.rope_positions = reinterpret_cast<const void*>(rope_positions);
       a.rope_positions_dtype = rope_positions_dtype;
       a.rope_pos_stride[0] = rope_positions_strides[0];
@@ -203,6 +233,13 @@ void check_decode_sizes(const std::vector<int64_t>& q_shape,
   HK_CHECK(prefix_len >= 0, "prefix_len: expected >= 0, got ", prefix_len);
   HK_CHECK(num_splits >= 0 && num_splits <= 4096, "num_splits: expected 0 (auto) .. 4096, got ",
            num_splits);
+  // A row's keys (prefix + cache) are counted and split in int64: keep far from overflow.
+  constexpr int64_t kMaxKeys = int64_t(1) << 62;
+  HK_CHECK(Lmax <= kMaxKeys && prefix_len <= kMaxKeys - Lmax, "prefix_len: ", prefix_len,
+           " + Lmax = ", Lmax, " keys per row exceed 2^62");
+  checked_numel("q", {B, Hq, D});
+  checked_numel("k_cache / v_cache", {B, Lmax, Hkv, D});
+  checked_numel("workspace", {B, Hq, int64_t(std::max(num_splits, 1)), D + 1});
 }
 
 // (num_splits, workspace floats) decode_attention uses for these sizes on `device`.
@@ -221,6 +258,7 @@ std::pair<int, int64_t> decode_plan(const std::vector<int64_t>& q_shape,
         "decode_attention: hybridkernels._C was built without CUDA; reinstall with nvcc "
         "available (see `hybridkernels info`)");
 #endif
+    checked_numel("workspace", {q_shape[0], q_shape[1], int64_t(S), q_shape[2] + 1});
     return {S, decode_workspace_floats(q_shape[0], q_shape[1], q_shape[2], S)};
   }
   return {S, 0};
@@ -276,6 +314,16 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
   a.v_cache = make_view("v_cache", v_cache, v_cache_strides);
   HK_CHECK(a.k_cache.stride[3] == 1 && a.v_cache.stride[3] == 1,
            "k_cache / v_cache: the head dim must be contiguous (stride 1)");
+  const int64_t es = dtype_size(dtype);
+  check_extent("q", a.q, {a.B, a.Hq, a.D}, es);
+  check_extent("out", a.out, {a.B, a.Hq, a.D}, es);
+  check_extent("k_cache", a.k_cache, {a.B, a.Lmax, a.Hkv, a.D}, es);
+  check_extent("v_cache", a.v_cache, {a.B, a.Lmax, a.Hkv, a.D}, es);
+  {
+    const int64_t sizes[2] = {a.B, a.Hq};
+    HK_CHECK(view_extent_bytes(sizes, lse_strides.data(), 2, 4) >= 0,
+             "lse: sizes x strides overflow int64");
+  }
   a.lse = reinterpret_cast<float*>(lse);
   a.lse_stride[0] = lse_strides[0];
   a.lse_stride[1] = lse_strides[1];
@@ -290,6 +338,8 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
              " exceeds the prefix tensors' ", prefix_shape[0], " rows");
     a.k_prefix = make_view3("k_prefix", k_prefix, k_prefix_strides);
     a.v_prefix = make_view3("v_prefix", v_prefix, v_prefix_strides);
+    check_extent("k_prefix", a.k_prefix, {prefix_len, a.Hkv, a.D}, dtype_size(dtype));
+    check_extent("v_prefix", a.v_prefix, {prefix_len, a.Hkv, a.D}, dtype_size(dtype));
   }
 
   const auto plan = decode_plan(q_shape, cache_shape, prefix_len, dtype, num_splits, device);
@@ -304,7 +354,6 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
            " float32 values needed for ", plan.first, " splits, got ", workspace_floats);
   HK_CHECK(plan.second == 0 || workspace != 0, "workspace: null data pointer");
   a.workspace = reinterpret_cast<float*>(workspace);
-  const int64_t es = dtype_size(dtype);
   check_aligned16("q", a.q.data, a.q.stride, 2, es);
   check_aligned16("k_cache", a.k_cache.data, a.k_cache.stride, 3, es);
   check_aligned16("v_cache", a.v_cache.data, a.v_cache.stride, 3, es);

@@ -47,6 +47,50 @@ template <typename... Args>
     if (!(cond)) ::hk::fail(__VA_ARGS__); \
   } while (0)
 
+#ifdef __CUDACC__
+#define HK_INDEX_FN __host__ __device__ __forceinline__
+#else
+#define HK_INDEX_FN inline
+#endif
+
+// Overflow-safe index checks, shared by the host checks and the kernels' own guards. Each is
+// written so that no intermediate value can overflow int64 for any input.
+
+// True when slots pos .. pos + T - 1 lie in [0, Lmax) (needs 0 <= T <= Lmax, checked first).
+HK_INDEX_FN bool slots_fit(int64_t pos, int64_t T, int64_t Lmax) {
+  return pos >= 0 && pos <= Lmax - T;
+}
+
+// True when row `start + offset` of a table with `rows` rows exists (0 <= offset, checked).
+HK_INDEX_FN bool row_in_table(int64_t start, int64_t offset, int64_t rows) {
+  return start >= 0 && offset >= 0 && start < rows && offset < rows - start;
+}
+
+// *out = a * b, or false when the product of these non-negative numbers overflows int64.
+inline bool mul_fits(int64_t a, int64_t b, int64_t* out) {
+  return a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, out);
+}
+
+// *out = a + b, or false when the sum of these non-negative numbers overflows int64.
+inline bool add_fits(int64_t a, int64_t b, int64_t* out) {
+  return a >= 0 && b >= 0 && !__builtin_add_overflow(a, b, out);
+}
+
+// Largest byte offset (+ one element) a view of `sizes` (all >= 1) with non-negative `strides`
+// reaches, or -1 when computing it (or any address inside the view) would overflow int64.
+inline int64_t view_extent_bytes(const int64_t* sizes, const int64_t* strides, int n,
+                                 int64_t elem_size) {
+  int64_t last = 0;
+  for (int i = 0; i < n; ++i) {
+    int64_t term = 0;
+    if (sizes[i] < 1 || !mul_fits(sizes[i] - 1, strides[i], &term) || !add_fits(last, term, &last))
+      return -1;
+  }
+  int64_t bytes = 0;
+  if (!add_fits(last, 1, &last) || !mul_fits(last, elem_size, &bytes)) return -1;
+  return bytes;
+}
+
 // A 4-d strided view: [d0, d1, d2, d3] with strides in elements.
 struct View4 {
   void* data;

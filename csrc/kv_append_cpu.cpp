@@ -16,10 +16,15 @@ static int64_t read_position(const KvAppendArgs& a, int64_t b) {
   return read_index(a.positions, a.positions_dtype, b);
 }
 
-static int64_t rope_position(const KvAppendArgs& a, int64_t b, int64_t t) {
+// The stored rotary position of (b, t); the table row is that + t * rope_pos_step, checked
+// (overflow-safe) by row_in_table before anything is written.
+static int64_t rope_start(const KvAppendArgs& a, int64_t b, int64_t t) {
   return read_index(a.rope_positions, a.rope_positions_dtype,
-                    b * a.rope_pos_stride[0] + t * a.rope_pos_stride[1]) +
-         t * a.rope_pos_step;
+                    b * a.rope_pos_stride[0] + t * a.rope_pos_stride[1]);
+}
+
+static int64_t rope_position(const KvAppendArgs& a, int64_t b, int64_t t) {
+  return rope_start(a, b, t) + t * a.rope_pos_step;  // validated: no overflow
 }
 
 static char* row_ptr(const View4& v, const KvAppendArgs& a, int64_t b, int64_t t, int64_t h) {
@@ -70,17 +75,23 @@ void kv_append_cpu(const KvAppendArgs& a) {
   // Check every position before writing anything: a bad row leaves the caches untouched.
   for (int64_t b = 0; b < a.B; ++b) {
     const int64_t pos = read_position(a, b);
-    if (pos < 0 || pos + a.T > a.Lmax) {
+    if (!slots_fit(pos, a.T, a.Lmax)) {
       std::ostringstream os;
       os << "kv_append: positions[" << b << "] = " << pos << " with " << a.T
          << " new tokens does not fit a cache of length " << a.Lmax;
       throw std::out_of_range(os.str());
     }
     for (int64_t t = 0; a.rope_cos != nullptr && t < a.T; ++t) {
-      const int64_t p = rope_position(a, b, t);
-      if (p < 0 || p >= a.rope_rows) {
+      const int64_t start = rope_start(a, b, t), offset = t * a.rope_pos_step;
+      if (!row_in_table(start, offset, a.rope_rows)) {
         std::ostringstream os;
-        os << "kv_append: rotary position " << p << " of row " << b << ", token " << t
+        int64_t p = 0;
+        os << "kv_append: rotary position ";
+        if (__builtin_add_overflow(start, offset, &p))
+          os << start << " + " << offset;
+        else
+          os << p;
+        os << " of row " << b << ", token " << t
            << " is outside the RoPE tables' " << a.rope_rows << " rows";
         throw std::out_of_range(os.str());
       }

@@ -40,7 +40,7 @@ __global__ void kv_append_kernel(KvAppendArgs a, int64_t chunks_per_row) {
     const Work w = unflatten(a, i, chunks_per_row);
     const int64_t b = w.b, t = w.t, h = w.h, c = w.c;
     const int64_t pos = load_index(a.positions, a.positions_dtype, b);
-    if (pos < 0 || pos + a.T > a.Lmax) continue;  // validated on the host; never write out of bounds
+    if (!slots_fit(pos, a.T, a.Lmax)) continue;  // validated on the host; never write out of bounds
     // Byte offset of chunk c: sizeof(Vec) consecutive bytes when the last dim is contiguous,
     // else Vec is one element and c the element index.
     auto at = [&](const View4& v, int64_t seq) {
@@ -78,11 +78,12 @@ __global__ void kv_append_rope_kernel(KvAppendArgs a, int64_t chunks_per_row) {
     const Work w = unflatten(a, i, chunks_per_row);
     const int64_t b = w.b, t = w.t, h = w.h, c = w.c;
     const int64_t pos = load_index(a.positions, a.positions_dtype, b);
-    const int64_t p = load_index(a.rope_positions, a.rope_positions_dtype,
-                                 b * a.rope_pos_stride[0] + t * a.rope_pos_stride[1]) +
-                      t * a.rope_pos_step;
-    // Validated on the host; never read or write out of bounds.
-    if (pos < 0 || pos + a.T > a.Lmax || p < 0 || p >= a.rope_rows) continue;
+    const int64_t start = load_index(a.rope_positions, a.rope_positions_dtype,
+                                     b * a.rope_pos_stride[0] + t * a.rope_pos_stride[1]);
+    const int64_t offset = t * a.rope_pos_step;
+    // Validated on the host; never read or write out of bounds (overflow-safe checks).
+    if (!slots_fit(pos, a.T, a.Lmax) || !row_in_table(start, offset, a.rope_rows)) continue;
+    const int64_t p = start + offset;
     auto elem = [&](const View4& v, int64_t seq, int64_t e) {
       return static_cast<T*>(v.data) + b * v.stride[0] + seq * v.stride[1] + h * v.stride[2] +
              e * v.stride[3];

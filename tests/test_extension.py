@@ -120,3 +120,181 @@ def test_cuda_kv_append_matches_cpu(dtype, D):
     _cuda.kv_append(*gpu, kn.cuda(), vn.cuda(), pos.cuda())
     torch.cuda.synchronize()
     assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+
+
+# ---------------------------------------------------------------- guard bands (issue 16)
+# Every _C function that writes gets tensors that are slices of a larger buffer; whatever the
+# arguments, the guard elements around the slice stay untouched.
+
+GUARD = 256
+INT64_MAX = 2**63 - 1
+
+
+def _guarded(*shape, dtype=torch.float32, fill=0.0):
+    """(buffer, view): a view of ``shape`` inside a buffer with GUARD sentinel elements on both
+    sides (the view itself is filled with ``fill``)."""
+    n = 1
+    for s in shape:
+        n *= s
+    buf = torch.full((GUARD + n + GUARD,), 7.0, dtype=dtype)
+    view = buf[GUARD : GUARD + n].view(*shape)
+    view.fill_(fill)
+    return buf, view
+
+
+def _guard_intact(buf):
+    return bool((buf[:GUARD] == 7.0).all() and (buf[-GUARD:] == 7.0).all())
+
+
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("offset", [1, 2, 3, 16, 17, 2**40])
+def test_raw_kv_append_positions_near_int64_max_keep_the_guard(T, offset):
+    B, Lmax, H, D = 1, 16, 2, 4
+    kbuf, kc = _guarded(B, Lmax, H, D)
+    vbuf, vc = _guarded(B, Lmax, H, D)
+    kn, vn = torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    pos = torch.tensor([INT64_MAX + 1 - offset])  # pos + T overflows for offset <= T
+    with pytest.raises(IndexError, match=r"positions\[0\]"):
+        _cuda.kv_append(kc, vc, kn, vn, pos)
+    assert _guard_intact(kbuf) and _guard_intact(vbuf)
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0
+
+
+@pytest.mark.parametrize("rope_pos_2d", [False, True])
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_raw_kv_append_rotary_positions_near_int64_max_keep_the_guard(rope_pos_2d, offset):
+    B, Lmax, H, D, T, P = 1, 8, 2, 4, 3, 16
+    kbuf, kc = _guarded(B, Lmax, H, D)
+    vbuf, vc = _guarded(B, Lmax, H, D)
+    kn, vn = torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    cos, sin = torch.randn(P, D // 2), torch.randn(P, D // 2)
+    start = INT64_MAX + 1 - offset
+    rp = torch.full((B, T), start) if rope_pos_2d else torch.tensor([start])
+    with pytest.raises(IndexError, match="rotary position"):
+        _cuda.kv_append(kc, vc, kn, vn, torch.tensor([0]), rope=(cos, sin), rope_positions=rp)
+    assert _guard_intact(kbuf) and _guard_intact(vbuf)
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_ops_kv_append_without_value_checks_keeps_the_guard(rope):
+    from hybridkernels.ops import kv_append, skip_value_checks
+
+    B, Lmax, H, D, T = 1, 16, 2, 4, 16
+    kbuf, kc = _guarded(B, Lmax, H, D)
+    vbuf, vc = _guarded(B, Lmax, H, D)
+    kn, vn = torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    tables = (torch.randn(64, D // 2), torch.randn(64, D // 2)) if rope else None
+    for pos in (INT64_MAX - 15, INT64_MAX, 2**63 - 2**60, -1):
+        with skip_value_checks(), pytest.raises((IndexError, ValueError)):
+            kv_append(kc, vc, kn, vn, torch.tensor([pos]), rope=tables, backend="cuda")
+    assert _guard_intact(kbuf) and _guard_intact(vbuf)
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0
+
+
+def test_ops_kv_append_rejects_rotary_positions_that_overflow():
+    from hybridkernels.ops import kv_append
+
+    kc, vc = torch.zeros(1, 8, 2, 4), torch.zeros(1, 8, 2, 4)
+    kn, vn = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+    tables = (torch.randn(16, 2), torch.randn(16, 2))
+    for backend in ("cuda", "reference"):
+        with pytest.raises(ValueError, match="rotary position"):
+            kv_append(
+                kc, vc, kn, vn, torch.tensor([0]), rope=tables,
+                rope_positions=torch.tensor([INT64_MAX - 1]), backend=backend,
+            )  # fmt: skip
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0
+
+
+def test_raw_kv_append_rejects_views_whose_extent_overflows():
+    B, Lmax, H, D = 1, 4, 2, 4
+    kbuf, kc = _guarded(B, Lmax, H, D)
+    vbuf, vc = _guarded(B, Lmax, H, D)
+    kn, vn = torch.randn(B, 1, H, D), torch.randn(B, 1, H, D)
+    pos = torch.tensor([3])
+    args, _ = _args()
+    args.update(
+        k_cache=kc.data_ptr(), v_cache=vc.data_ptr(), k_new=kn.data_ptr(), v_new=vn.data_ptr(),
+        positions=pos.data_ptr(), cache_shape=[B, Lmax, H, D], T=1, positions_dtype=4,
+        k_cache_strides=[32, 2**62, 4, 1], v_cache_strides=list(vc.stride()),
+        k_new_strides=list(kn.stride()), v_new_strides=list(vn.stride()),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="k_cache"):
+        _cuda._C.kv_append(**args)
+    assert _guard_intact(kbuf) and _guard_intact(vbuf)
+
+
+def _decode_inputs(B=2, Hq=4, Hkv=2, D=64, Lmax=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, D, generator=g)
+    k = torch.randn(B, Lmax, Hkv, D, generator=g)
+    v = torch.randn(B, Lmax, Hkv, D, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_raw_decode_attention_out_keeps_the_guard(num_splits):
+    from hybridkernels import reference
+
+    B, Hq, D = 2, 4, 64
+    q, k, v = _decode_inputs(B, Hq, 2, D)
+    lens = torch.tensor([3, 8], dtype=torch.int32)
+    obuf, out = _guarded(B, Hq, D)
+    lbuf, lse = _guarded(B, Hq)
+    _cuda.decode_attention_out(q, k, v, lens, out, lse, num_splits=num_splits)
+    assert _guard_intact(obuf) and _guard_intact(lbuf)
+    torch.testing.assert_close(out, reference.decode_attention(q, k, v, lens))
+    for bad in ([3, 9], [-1, 2], [0, 2], [2**31 - 1, 1], [-(2**31), 1]):
+        obuf, out = _guarded(B, Hq, D)
+        lbuf, lse = _guarded(B, Hq)
+        with pytest.raises((IndexError, ValueError)):
+            _cuda.decode_attention_out(
+                q, k, v, torch.tensor(bad, dtype=torch.int32), out, lse, num_splits=num_splits
+            )
+        assert _guard_intact(obuf) and _guard_intact(lbuf)
+        assert out.abs().sum() == 0 and lse.abs().sum() == 0
+
+
+def test_raw_decode_attention_rejects_a_prefix_length_that_overflows():
+    B, Hq, Hkv, D, Lmax = 1, 2, 1, 64, 8
+    q, k, v = _decode_inputs(B, Hq, Hkv, D, Lmax)
+    kp, vp = torch.randn(4, Hkv, D), torch.randn(4, Hkv, D)
+    lens = torch.tensor([2], dtype=torch.int32)
+    obuf, out = _guarded(B, Hq, D)
+    lbuf, lse = _guarded(B, Hq)
+    for prefix_len in (INT64_MAX, INT64_MAX - 1, INT64_MAX - 8):
+        with pytest.raises(ValueError, match="prefix_len"):
+            _cuda._C.decode_attention(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), kp.data_ptr(),
+                vp.data_ptr(), out.data_ptr(), lse.data_ptr(), 0, 0, list(q.shape),
+                list(k.shape), [INT64_MAX, Hkv, D], prefix_len, list(q.stride()),
+                list(k.stride()), list(v.stride()), list(kp.stride()), list(vp.stride()),
+                list(out.stride()), list(lse.stride()), 0.125, 0, 3, 0, -1, 0,
+            )  # fmt: skip
+    assert _guard_intact(obuf) and _guard_intact(lbuf)
+    assert out.abs().sum() == 0
+
+
+def test_raw_decode_plan_rejects_sizes_whose_workspace_overflows():
+    with pytest.raises(ValueError):
+        _cuda._C.decode_plan([2**40, 2**20, 64], [2**40, 8, 2**20, 64], 0, 0, 4096, -1)
+    with pytest.raises(ValueError):
+        _cuda._C.decode_plan([2, 4, 64], [2, INT64_MAX, 2, 64], INT64_MAX, 0, 0, -1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rope", [False, True])
+def test_cuda_kv_append_positions_near_int64_max_keep_the_guard(rope):
+    B, Lmax, H, D, T = 1, 16, 2, 8, 16
+    kbuf = torch.full((GUARD + B * Lmax * H * D + GUARD,), 7.0, device="cuda")
+    vbuf = kbuf.clone()
+    kc = kbuf[GUARD:-GUARD].view(B, Lmax, H, D).zero_()
+    vc = vbuf[GUARD:-GUARD].view(B, Lmax, H, D).zero_()
+    kn, vn = torch.randn(B, T, H, D, device="cuda"), torch.randn(B, T, H, D, device="cuda")
+    tables = (torch.randn(64, D // 2, device="cuda"), torch.randn(64, D // 2, device="cuda"))
+    for pos in (INT64_MAX - 15, INT64_MAX, INT64_MAX - 7):
+        _cuda.kv_append(kc, vc, kn, vn, torch.tensor([pos], device="cuda"), rope=tables if rope else None)
+    torch.cuda.synchronize()
+    assert _guard_intact(kbuf.cpu()) and _guard_intact(vbuf.cpu())
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0

@@ -131,8 +131,10 @@ def _check_rope(rope, D: int, dev: torch.device) -> tuple[torch.Tensor, torch.Te
 
 def _check_rope_positions(rope_positions: torch.Tensor, T: int, P: int) -> None:
     pos = rope_positions.long()
-    first, last = (pos, pos + (T - 1)) if pos.dim() == 1 else (pos, pos)
-    bad = (first < 0) | (last >= P)
+    # [B] start positions: the last token is at pos + T - 1; compare against P - T instead of
+    # adding, which would overflow int64 for positions near 2^63.
+    last_start = P - T if pos.dim() == 1 else P - 1
+    bad = (pos < 0) | (pos > last_start)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
