@@ -409,3 +409,30 @@ def test_compile_cases_cover_every_config_and_dtype():
         constexprs = {name for name, kind in c.signature.items() if kind == "constexpr"}
         assert constexprs == set(c.constexprs), c.name
         assert set(c.signature) == set(c.kernel.arg_names), c.name
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_num_transfer_views_are_read_by_their_strides(device, layout):
+    # issue 16: the kernel read num_transfer[b] at b, ignoring the stride.
+    g = torch.Generator().manual_seed(16)
+    B, L, V, mask_id = 2, 8, 40, 39
+    x = torch.randint(0, V - 1, (B, L), generator=g)
+    x[:, 1:7] = mask_id
+    logits = torch.randn(B, 6, V, generator=g).to(device)
+    if layout == "strided":
+        num_transfer = torch.tensor([2, 99, 1, 99], device=device)[::2]
+    else:
+        num_transfer = torch.tensor([3], device=device).expand(B)
+    ref = reference.unmask_step(
+        x.clone().to(device), logits=logits, mask_id=mask_id, start=1, num_transfer=num_transfer.clone()
+    )
+    out = ops.unmask_step(
+        x.clone().to(device),
+        logits=logits,
+        mask_id=mask_id,
+        start=1,
+        num_transfer=num_transfer,
+        backend="triton",
+    )
+    assert_same(ref, out)
+    assert out.committed.sum(dim=1).tolist() == num_transfer.tolist()

@@ -493,6 +493,8 @@ def unmask_step(
     if config is None and interpret:
         config = INTERPRETER_LM_HEAD_CONFIG if fused else INTERPRETER_LOGITS_CONFIG
 
+    if num_transfer is not None:
+        num_transfer = num_transfer.contiguous()  # the commit kernel reads num_transfer[b] at b
     committable = x[:, start : start + Lr] == mask_id  # [B, Lr], a fresh contiguous tensor
     committable_u8 = committable.view(torch.uint8)
     banned = _token_tensor(tuple(banned_token_ids), device)
