@@ -282,3 +282,28 @@ def test_non_contiguous_last_dim_is_rejected():
     q, k, v = _inputs(1, 3, 5, 2, 2, 64)
     with pytest.raises(ValueError, match="q must have a contiguous last dimension"):
         bidirectional_attention(q.transpose(1, 3).contiguous().transpose(1, 3), k, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_triton_ignores_non_finite_values_at_masked_key_slots(device, causal, num_splits, bad):
+    # issue 16: NaN in V (or K) at a padded slot turned the whole row NaN; the reference ignores it.
+    _skip_if_no_triton(device)
+    from hybridkernels.triton.attention import flash_attention
+
+    B, Lq, Lk, Hq, Hkv, D = 2, 5, 260, 4, 2, 64
+    q, k, v = _inputs(B, Lq, Lk, Hq, Hkv, D, torch.float32, device)
+    mask = _padding_mask("left", B, Lk, device)
+    mask[:, 3] = False  # a hole in a full tile too (not only in the edge tiles)
+    mask[:, 40] = False
+    k, v = k.clone(), v.clone()
+    v[~mask] = bad
+    k[:, 40] = bad
+    kwargs = dict(key_padding_mask=mask, causal=causal, return_lse=True)
+    out, lse = flash_attention(q, k, v, num_splits=num_splits, **kwargs)
+    ref_out, ref_lse = reference.bidirectional_attention(q, k, v, **kwargs)
+    assert not ref_out.isnan().any()
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-3)
+    _assert_lse_close(lse, ref_lse, atol=1e-4)

@@ -98,6 +98,10 @@ def _attend_tiles(
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         else:
             v = tl.load(v_ptrs)
+        if HAS_MASK:
+            # Padded slots may hold anything (an uninitialised cache: NaN, inf) and p = 0 there,
+            # but 0 * NaN = NaN would reach the whole row through the dot: zero them.
+            v = tl.where((key_ok != 0)[:, None], v, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
