@@ -436,3 +436,89 @@ def test_num_transfer_views_are_read_by_their_strides(device, layout):
     )
     assert_same(ref, out)
     assert out.committed.sum(dim=1).tolist() == num_transfer.tolist()
+
+
+def _assert_same_with_nan(ref, out):
+    assert torch.equal(out.committed, ref.committed)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert torch.equal(out.x, ref.x)
+    assert torch.equal(out.confidence.isnan(), ref.confidence.isnan())
+    torch.testing.assert_close(out.confidence, ref.confidence, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def _non_finite_logits(device, g):
+    B, Lr, V = 2, 6, 150
+    logits = torch.randn(B, Lr, V, generator=g)
+    logits[0, 1, 7] = float("inf")  # two rows with +inf: confidence NaN, both "most confident"
+    logits[0, 4, 100] = float("inf")
+    logits[0, 4, 120] = float("inf")
+    logits[1, 0, 3] = float("nan")  # NaN rows: candidate = first NaN (torch.argmax)
+    logits[1, 2, 130] = float("nan")
+    logits[1, 2, 20] = float("inf")  # +inf before a NaN: the NaN still wins
+    logits[1, 5, 60:] = float("nan")
+    logits[1, 3] = float("-inf")  # all -inf: confidence NaN too
+    return logits.to(device)
+
+
+@pytest.mark.parametrize("rule", [{"num_transfer": 1}, {"num_transfer": 3}, {"threshold": 0.5}])
+@pytest.mark.parametrize("split_len", [None, 64])
+def test_non_finite_logits_commit_what_the_reference_commits(device, rule, split_len):
+    # issue 16: +inf / NaN logits committed more positions than asked, or other ones.
+    g = torch.Generator().manual_seed(5)
+    B, L, V, mask_id = 2, 8, 150, 149
+    x = torch.randint(0, V - 1, (B, L), generator=g)
+    x[:, 1:7] = mask_id
+    logits = _non_finite_logits(device, g)
+    kwargs = dict(logits=logits, mask_id=mask_id, start=1)
+    if "num_transfer" in rule:
+        kwargs["num_transfer"] = torch.full((B,), rule["num_transfer"], device=device)
+    else:
+        kwargs["threshold"] = rule["threshold"]
+    ref = reference.unmask_step(x.clone().to(device), **kwargs)
+    out = tri.unmask_step(x.clone().to(device), split_len=split_len, **kwargs)
+    _assert_same_with_nan(ref, out)
+    if "num_transfer" in rule:
+        assert out.committed.sum(dim=1).tolist() == [rule["num_transfer"]] * B
+
+
+def test_non_finite_hidden_states_on_the_fused_path_match_the_reference(device):
+    g = torch.Generator().manual_seed(6)
+    B, L, Lr, V, d, mask_id = 2, 8, 6, 100, 16, 99
+    x = torch.randint(0, V - 1, (B, L), generator=g)
+    x[:, 1:7] = mask_id
+    hidden = torch.randn(B, Lr, d, generator=g)
+    hidden[0, 2, 5] = float("nan")
+    hidden[1, 4, 0] = float("inf")
+    lm_head = torch.randn(V, d, generator=g)
+    kwargs = dict(
+        hidden=hidden.to(device), lm_head=lm_head.to(device), mask_id=mask_id, start=1,
+        num_transfer=torch.tensor([1, 2], device=device),
+    )  # fmt: skip
+    ref = reference.unmask_step(x.clone().to(device), **kwargs)
+    out = tri.unmask_step(x.clone().to(device), config=FUSED_CONFIG, split_len=32, **kwargs)
+    assert torch.equal(out.committed, ref.committed)
+    assert out.committed.sum(dim=1).tolist() == [1, 2]
+    assert torch.equal(out.confidence.isnan(), ref.confidence.isnan())
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_non_finite_logits_when_sampling(device, remasking):
+    g = torch.Generator().manual_seed(7)
+    B, L, V, mask_id = 2, 8, 150, 149
+    x = torch.randint(0, V - 1, (B, L), generator=g)
+    x[:, 1:7] = mask_id
+    logits = _non_finite_logits(device, g)
+    out = tri.unmask_step(
+        x.clone().to(device), logits=logits, mask_id=mask_id, start=1, split_len=64, temperature=1.0,
+        remasking=remasking, num_transfer=torch.tensor([2, 2], device=device),
+        generator=torch.Generator(device).manual_seed(0),
+    )  # fmt: skip
+    assert out.committed.sum(dim=1).tolist() == [2, 2]
+    assert out.tokens[1, 0] == 3 and out.tokens[1, 2] == 130 and out.tokens[1, 5] == 60  # first NaN
+    nan_rows = torch.zeros(B, 6, dtype=torch.bool)
+    nan_rows[0, [1, 4]] = nan_rows[1, [0, 2, 3, 5]] = True
+    if remasking == "low_confidence":
+        assert torch.equal(out.confidence.isnan().cpu(), nan_rows)
+        assert out.committed[0, [1, 4]].all() and out.committed[1, [0, 2]].all()
+    else:
+        assert not out.confidence.isnan().any()

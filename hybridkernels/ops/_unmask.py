@@ -75,6 +75,11 @@ def unmask_step(
     Returns :class:`UnmaskResult` ``(x, committed [B, Lr] bool, tokens [B, Lr] int64,
     confidence [B, Lr] float32)``. At temperature 0 every backend commits exactly what the
     reference commits; ties in confidence go to the lowest position.
+
+    Non-finite scores behave as in the reference (torch's rules): a NaN score is the maximum, so
+    a row's first NaN is its candidate (``torch.argmax``); a row whose softmax is NaN (a NaN or
+    ``+inf`` score, or only ``-inf``) has confidence NaN, which ranks before every number
+    (``torch.sort``), such rows among themselves by position; ``num_transfer`` is still exact.
     """
     args = check_unmask_args(
         OP,

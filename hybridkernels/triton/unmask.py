@@ -83,21 +83,39 @@ def _fold_tile(
     ``m``/``arg``: max and its first index; ``s``: sum of ``exp(score - m)``; with ``SAMPLE``,
     ``gmax``/``garg``/``glogit``: max of ``score * inv_temp + Gumbel``, its index and raw score.
     """
-    t_max, t_arg = tl.max(scores, axis=0, return_indices=True)
-    new_m = tl.maximum(m, t_max)
-    arg = tl.where(t_max > m, v0 + t_arg, arg)  # strict: an earlier tile keeps a tie
+    # NaN scores follow torch.argmax (NaN is the maximum, its first index wins) and make the row's
+    # softmax NaN: a row that has seen a NaN keeps m = NaN (sticky) and arg = its first NaN. The
+    # maxima below only ever see NaN-free scores, whatever the backend's NaN rule of tl.max.
+    is_nan = scores != scores
+    t_nan_arg = tl.min(tl.where(is_nan, (offs_v - v0)[:, None], 2**30), axis=0)
+    t_has_nan = t_nan_arg < 2**30
+    seen_nan = m != m
+    prev_arg = arg
+    clean = tl.where(is_nan, float("-inf"), scores)
+    t_max, t_arg = tl.max(clean, axis=0, return_indices=True)
+    m_clean = tl.where(seen_nan, float("-inf"), m)
+    new_m = tl.maximum(m_clean, t_max)
+    arg = tl.where(t_max > m_clean, v0 + t_arg, arg)  # strict: an earlier tile keeps a tie
+    arg = tl.where(t_has_nan, v0 + t_nan_arg, arg)
+    arg = tl.where(seen_nan, prev_arg, arg)
     ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-    s = s * tl.exp(m - ref) + tl.sum(tl.exp(scores - ref[None, :]), axis=0)
+    s = s * tl.exp(m_clean - ref) + tl.sum(tl.exp(scores - ref[None, :]), axis=0)
+    now_nan = seen_nan | t_has_nan
+    new_m = tl.where(now_nan, float("nan"), new_m)
+    s = tl.where(now_nan, float("nan"), s)
     if SAMPLE:
         u = tl.rand(seed, rows[None, :].to(tl.int64) * V + offs_v[:, None])
-        perturbed = scores * inv_temp - tl.log(-tl.log(u))
+        perturbed = clean * inv_temp - tl.log(-tl.log(u))
         t_g, t_garg = tl.max(perturbed, axis=0, return_indices=True)
         hit = (offs_v - v0)[:, None] == t_garg[None, :]
-        t_logit = tl.max(tl.where(hit, scores, float("-inf")), axis=0)
-        better = t_g > gmax
+        t_logit = tl.max(tl.where(hit, clean, float("-inf")), axis=0)
+        better = (t_g > gmax) & ~now_nan
         garg = tl.where(better, v0 + t_garg, garg)
         glogit = tl.where(better, t_logit, glogit)
         gmax = tl.maximum(gmax, t_g)
+        # NaN / T + noise is NaN: the first NaN is the sample (torch.argmax), as above.
+        garg = tl.where(t_has_nan & ~seen_nan, v0 + t_nan_arg, garg)
+        glogit = tl.where(now_nan, float("nan"), glogit)
     return new_m, s, arg, gmax, garg, glogit
 
 
@@ -292,24 +310,30 @@ def _merge_splits(
     gmax = tl.full(rows.shape, float("-inf"), tl.float32)
     garg = tl.zeros(rows.shape, tl.int32)
     glogit = tl.full(rows.shape, float("-inf"), tl.float32)
+    nan = tl.zeros(rows.shape, tl.int1)  # a split saw a NaN score (m = NaN, arg = its first NaN)
     for split in range(n_splits):
         idx = rows * n_splits + split
         p_m = tl.load(part_f_ptr + idx, mask=ok, other=float("-inf"))
         p_s = tl.load(part_f_ptr + n_part + idx, mask=ok, other=0.0)
         p_arg = tl.load(part_i_ptr + idx, mask=ok, other=0)
+        p_nan = p_m != p_m
+        p_m = tl.where(p_nan, float("-inf"), p_m)
         new_m = tl.maximum(m, p_m)
         ref = tl.where(new_m == float("-inf"), 0.0, new_m)
         s = s * tl.exp(m - ref) + p_s * tl.exp(p_m - ref)
-        arg = tl.where(p_m > m, p_arg, arg)
-        m = new_m
+        arg = tl.where(nan, arg, tl.where(p_nan | (p_m > m), p_arg, arg))
         if SAMPLE:
             p_g = tl.load(part_f_ptr + 2 * n_part + idx, mask=ok, other=float("-inf"))
             p_logit = tl.load(part_f_ptr + 3 * n_part + idx, mask=ok, other=float("-inf"))
             p_garg = tl.load(part_i_ptr + n_part + idx, mask=ok, other=0)
-            better = p_g > gmax
+            better = tl.where(nan, False, p_nan | (p_g > gmax))
             garg = tl.where(better, p_garg, garg)
             glogit = tl.where(better, p_logit, glogit)
             gmax = tl.maximum(gmax, p_g)
+        m = new_m
+        nan = nan | p_nan
+    # The softmax of a row with a NaN, a +inf (inf - inf) or only -inf scores is NaN (torch).
+    bad = nan | (m == float("inf")) | (m == float("-inf"))
     # Rows that were not loaded (ok False) have m = -inf and s = 0: keep them NaN-free.
     m = tl.where(ok, m, 0.0)
     s = tl.where(ok, s, 1.0)
@@ -319,6 +343,7 @@ def _merge_splits(
     else:
         candidate = arg
         confidence = 1.0 / s  # exp(max - max) / sumexp
+    confidence = tl.where(ok & bad, float("nan"), confidence)
     if RANDOM:
         _, word, _, _ = tl.randint4x(seed, rows.to(tl.int64) * V)
         confidence = tl.uint_to_uniform_float(word)
@@ -398,9 +423,12 @@ def _commit_kernel(
             committable_ptr, part_f_ptr, part_i_ptr, deferred_ptr, b, offs_j, Lr,
             n_splits, n_part, n_deferred, seed, V, SAMPLE, RANDOM,
         )  # fmt: skip
-        ahead = (conf_j[None, :] > conf_i[:, None]) | (
-            (conf_j[None, :] == conf_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
-        )
+        # NaN confidences rank first (torch.sort, descending), among themselves by position.
+        nan_i = (conf_i != conf_i)[:, None]
+        nan_j = (conf_j != conf_j)[None, :]
+        lower = offs_j[None, :] < offs_i[:, None]
+        ahead = (conf_j[None, :] > conf_i[:, None]) | ((conf_j[None, :] == conf_i[:, None]) & lower)
+        ahead = tl.where(nan_i, nan_j & lower, ahead | nan_j)
         rank += tl.sum((ahead & com_j[None, :]).to(tl.int32), axis=1)
 
     if USE_THRESHOLD:
