@@ -396,3 +396,90 @@ def test_random_tiny_model_gives_varied_tokens():
     with torch.no_grad():
         tokens = model(ids).logits.argmax(-1)
     assert tokens.unique().numel() >= 16
+
+
+def _hf_llama_dict(**changes):
+    d = {
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 128,
+    }  # fmt: skip
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"num_hidden_layers": 10**6}, "num_layers"),
+        ({"num_hidden_layers": 10**9}, "num_layers"),
+        ({"head_dim": 2 * 10**11}, "head_dim"),
+        ({"vocab_size": 10**12}, "vocab_size"),
+        ({"intermediate_size": 10**12}, "intermediate_size"),
+        ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+        ({"rms_norm_eps": float("inf")}, "rms_norm_eps"),
+        ({"max_position_embeddings": -5}, "max_position_embeddings"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings"),
+        ({"max_position_embeddings": 10**15}, "max_position_embeddings"),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 0.0,
+                    "high_freq_factor": 4.0,
+                }
+            },
+            "low_freq_factor",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": float("inf"),
+                }
+            },
+            "high_freq_factor",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": float("nan")}},
+            "factor",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 0,
+                }
+            },
+            "original_max_position_embeddings",
+        ),
+    ],
+)
+def test_config_rejects_hostile_or_meaningless_values(changes, words):
+    # issue 16: hostile sizes hung or exhausted memory; eps -1 / NaN made every logit NaN.
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=words):
+        TransformerConfig.from_dict(_hf_llama_dict(**changes))
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_llada_config_rejects_a_hostile_layer_count():
+    d = {
+        "model_type": "llada",
+        "d_model": 32,
+        "n_heads": 4,
+        "n_layers": 10**9,
+        "mlp_hidden_size": 48,
+        "vocab_size": 64,
+    }
+    with pytest.raises(ValueError, match="num_layers"):
+        TransformerConfig.from_dict(d)

@@ -26,6 +26,19 @@ _SIZES = (
     "num_kv_heads",
     "head_dim",
 )
+# Upper bounds far above every published model (Llama 3.1 405B: 126 layers, 16384 hidden, 53248
+# intermediate, 128 heads, head_dim 128; the largest vocabularies ~10^6; 10M-token contexts): a
+# config beyond them is hostile or corrupt, and building it would hang or exhaust memory.
+MAX_SIZES = {
+    "vocab_size": 2**24,
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "num_layers": 2**12,
+    "num_heads": 2**12,
+    "num_kv_heads": 2**12,
+    "head_dim": 2**12,
+}
+MAX_POSITIONS = 2**26
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llada")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -68,6 +81,20 @@ class TransformerConfig:
     def __post_init__(self):
         for name in _SIZES:
             check_positive_int(WHERE, name, getattr(self, name))
+            if getattr(self, name) > MAX_SIZES[name]:
+                raise ValueError(
+                    f"TransformerConfig: {name} = {getattr(self, name)} exceeds {MAX_SIZES[name]} "
+                    "(no real model is that large: a corrupt or hostile config?)"
+                )
+        check_positive_int(WHERE, "max_position_embeddings", self.max_position_embeddings)
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ValueError(
+                f"TransformerConfig: max_position_embeddings = {self.max_position_embeddings} "
+                f"exceeds {MAX_POSITIONS}"
+            )
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+            raise ValueError(f"TransformerConfig: rms_norm_eps must be a finite number >= 0, got {eps!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"TransformerConfig: num_heads ({self.num_heads}) must be a multiple of "
@@ -214,8 +241,19 @@ def _normalize_rope_scaling(scaling, max_positions: int) -> dict | None:
     missing = [k for k in need if k not in scaling]
     if missing:
         raise ValueError(f"TransformerConfig: rope_scaling of type {kind!r} lacks {missing}")
+    for key in need:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            raise ValueError(
+                f"TransformerConfig: rope_scaling {key} must be a finite number > 0, got {value!r}"
+            )
     if kind == "llama3":
         scaling.setdefault("original_max_position_embeddings", max_positions)
+        check_positive_int(
+            WHERE,
+            "rope_scaling original_max_position_embeddings",
+            scaling["original_max_position_embeddings"],
+        )
         if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
             raise ValueError(
                 "TransformerConfig: llama3 rope_scaling needs high_freq_factor > low_freq_factor"
