@@ -34,6 +34,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+# Far above any real projector; beyond them building one would hang or exhaust memory.
+_MAX_SIZES = {
+    "planner_dim": 2**17,
+    "executor_dim": 2**17,
+    "hidden_dim": 2**18,
+    "num_layers": 256,
+    "pool_stride": 2**24,
+}
+
+
 @dataclasses.dataclass
 class ProjectorConfig:
     """Shape of a :class:`LatentProjector`.
@@ -62,6 +72,12 @@ class ProjectorConfig:
         if self.hidden_dim is None:
             self.hidden_dim = max(self.planner_dim, self.executor_dim)
         check_positive_int(WHERE, "hidden_dim", self.hidden_dim)
+        for name, high in _MAX_SIZES.items():
+            if getattr(self, name) > high:
+                raise ValueError(
+                    f"ProjectorConfig: {name} = {getattr(self, name)} exceeds {high} "
+                    "(a corrupt or hostile config?)"
+                )
         check_choice(WHERE, "activation", self.activation, tuple(ACTIVATIONS))
         check_choice(WHERE, "pool", self.pool, POOLING)
         if self.pool == "none" and self.pool_stride != 1:
