@@ -434,3 +434,33 @@ def test_cuda_graph_on_a_device_that_is_not_current():
             a = graphed.generate(ids, mask, max_new_tokens=NEW, **kw)
             b = eager.generate(ids, mask, max_new_tokens=NEW, **kw)
             assert a.stats.cuda_graph and torch.equal(a.tokens, b.tokens)
+
+
+def test_a_second_concurrent_generation_raises_instead_of_sharing_buffers(llama, monkeypatch):
+    """The executor keeps static decode buffers: a second thread's generate while one runs raises
+    RuntimeError (never a silent wrong answer); the first finishes with the right tokens."""
+    import threading
+
+    _, ex = llama
+    ids, mask = prompts()
+    want = ex.generate(ids, mask, max_new_tokens=NEW).tokens
+    entered, release = threading.Event(), threading.Event()
+    packed = ARExecutor._packed_prompt
+
+    def slow_packed(self, *args):
+        entered.set()
+        release.wait(10)
+        return packed(self, *args)
+
+    monkeypatch.setattr(ARExecutor, "_packed_prompt", slow_packed)
+    results = {}
+    first = threading.Thread(
+        target=lambda: results.setdefault("first", ex.generate(ids, mask, max_new_tokens=NEW))
+    )
+    first.start()
+    assert entered.wait(10)
+    with pytest.raises(RuntimeError, match="ARExecutor is already generating"):
+        ex.generate(ids, mask, max_new_tokens=NEW)
+    release.set()
+    first.join()
+    assert torch.equal(results["first"].tokens, want)

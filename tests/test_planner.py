@@ -483,3 +483,31 @@ def test_prefix_cache_equals_fast_dllm_prefix_cache():
         got = planner.generate(prompt, cache="prefix", **kw)
         assert torch.equal(got.tokens, want), kw
         assert not torch.equal(got.tokens, planner.generate(prompt, **kw).tokens)  # an approximation
+
+
+def test_a_second_concurrent_generation_raises_instead_of_sharing_buffers():
+    """The planner keeps one set of static buffers: a generation started while another runs (a
+    stream being iterated, or another thread) is refused; afterwards the planner works again."""
+    import threading
+
+    model, (prompt, mask) = tiny(), prompts()
+    planner = DiffusionPlanner(model)
+    kw = dict(gen_length=16, block_length=8, steps=16)
+    want = planner.generate(prompt, mask, **kw).tokens
+    stream = planner.generate_stream(prompt, mask, **kw)
+    next(stream)  # the stream holds the planner
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(_raises(planner.generate, prompt, mask, **kw)))
+    worker.start()
+    worker.join()
+    assert errors == ["DiffusionPlanner is already generating"]
+    assert [b.index for b in stream] == [1]  # the stream itself was not disturbed
+    assert torch.equal(planner.generate(prompt, mask, **kw).tokens, want)
+
+
+def _raises(fn, *args, **kwargs) -> str | None:
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as exc:
+        return str(exc).split(" (")[0]
+    return None

@@ -25,6 +25,7 @@ from ..ops import skip_value_checks
 from ..validation import check_int, renamed
 from .cuda_graphs import StepGraphs
 from .kv_cache import DecodeHook, PrefillHook, StaticKVCache
+from .one_at_a_time import OneCallAtATime, one_at_a_time
 from .prompting import left_pad
 from .transformer import Transformer
 
@@ -168,6 +169,7 @@ class ARExecutor:
         self.decode_backend = renamed("ARExecutor", "decode_backend", decode_backend, "backend", backend)
         self.max_cached_states = max_cached_states
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
+        self._busy = OneCallAtATime("ARExecutor")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype=None, device=None, attention_backend=None, **kwargs):
@@ -191,6 +193,7 @@ class ARExecutor:
         return self.model.config
 
     # ------------------------------------------------------------------ generate
+    @one_at_a_time
     @torch.no_grad()
     def generate(
         self,

@@ -25,6 +25,7 @@ from ..ops import skip_value_checks
 from ..validation import check_attention_mask, check_token_ids
 from .cuda_graphs import StepGraphs
 from .diffusion_cache import DiffusionKVCache
+from .one_at_a_time import OneCallAtATime, one_at_a_time
 from .planner_options import WHERE, PlannerOptions
 from .transformer import Transformer, default_position_ids
 
@@ -161,7 +162,7 @@ class DiffusionPlanner:
     The planner keeps the static buffers (K/V cache, tokens) and CUDA graphs of its last
     generation shape for the next call; :meth:`release` frees them (call it too after replacing
     the model's parameter tensors: the graphs read the old ones). One generation at a time per
-    planner.
+    planner: a second concurrent one (another thread) raises ``RuntimeError``.
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class DiffusionPlanner:
             raise ValueError(f"DiffusionPlanner: the config has no mask_token_id in [0, {V}); pass mask_id")
         self.backend = backend
         self._workspace: _Workspace | None = None
+        self._busy = OneCallAtATime("DiffusionPlanner")
 
     @classmethod
     def from_pretrained(
@@ -216,6 +218,7 @@ class DiffusionPlanner:
         self._workspace = None
 
     # ------------------------------------------------------------------------------ public API
+    @one_at_a_time
     @torch.no_grad()
     def generate(
         self,
@@ -263,22 +266,23 @@ class DiffusionPlanner:
         hand finished blocks downstream early. Stopping the iteration stops the generation."""
         if overrides.get("return_hidden"):
             raise ValueError("DiffusionPlanner.generate_stream: return_hidden is only for generate()")
-        with torch.no_grad():
-            run = _Run(
-                self,
-                prompt_ids,
-                attention_mask,
-                _options(options, overrides),
-                generator,
-                cuda_graph,
-            )
-        blocks = run.blocks()
-        while True:
+        with self._busy():
             with torch.no_grad():
-                block = next(blocks, None)
-            if block is None:
-                return
-            yield block
+                run = _Run(
+                    self,
+                    prompt_ids,
+                    attention_mask,
+                    _options(options, overrides),
+                    generator,
+                    cuda_graph,
+                )
+            blocks = run.blocks()
+            while True:
+                with torch.no_grad():
+                    block = next(blocks, None)
+                if block is None:
+                    return
+                yield block
 
     # ------------------------------------------------------------------------------ one step
     def _step(
