@@ -464,3 +464,22 @@ def test_a_second_concurrent_generation_raises_instead_of_sharing_buffers(llama,
     release.set()
     first.join()
     assert torch.equal(results["first"].tokens, want)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_batch_invariance(llama, num_samples):
+    """Greedy tokens of a row do not depend on its batch companions, on its left padding, or on
+    being decoded as one of several samples over a shared prefix."""
+    _, ex = llama
+    ids, mask = prompts()
+    batched = ex.generate(ids, mask, max_new_tokens=NEW, num_samples=num_samples).tokens
+    for b in range(ids.shape[0]):
+        row = ids[b : b + 1, mask[b].bool()]
+        alone = ex.generate(row, max_new_tokens=NEW, num_samples=num_samples).tokens
+        padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), row], dim=1)
+        padded_mask = (torch.arange(padded.shape[1]) >= 4)[None]
+        repadded = ex.generate(padded, padded_mask, max_new_tokens=NEW, num_samples=num_samples).tokens
+        for s in range(num_samples):
+            want = batched[b * num_samples + s]
+            assert torch.equal(alone[s, : want.numel()], want[: alone.shape[1]]), (b, s)
+            assert torch.equal(repadded[s, : want.numel()], want[: repadded.shape[1]]), (b, s)

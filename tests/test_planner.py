@@ -511,3 +511,23 @@ def _raises(fn, *args, **kwargs) -> str | None:
     except RuntimeError as exc:
         return str(exc).split(" (")[0]
     return None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"cache": "prefix"}, {"cache": "dual"}, {"cache": "dual", "threshold": 0.5}, {"threshold": 0.7}],
+)
+def test_batch_invariance(extra):
+    """At temperature 0 a row's tokens do not depend on what it is batched with or on its left
+    padding (Fast-dLLM users report scores that change with the batch size)."""
+    planner = DiffusionPlanner(tiny())
+    ids = torch.randint(0, V - 1, (4, LP), generator=torch.Generator().manual_seed(5))
+    kw = dict(gen_length=16, block_length=8, steps=16) | extra
+    batched = planner.generate(ids, **kw).generated
+    pads = torch.zeros(1, 3, dtype=torch.long)
+    for b in range(4):
+        alone = planner.generate(ids[b : b + 1], **kw).generated
+        padded_ids = torch.cat([pads, ids[b : b + 1]], dim=1)
+        padded_mask = torch.cat([pads, torch.ones(1, LP, dtype=torch.long)], dim=1)
+        padded = planner.generate(padded_ids, padded_mask, **kw).generated
+        assert torch.equal(alone[0], batched[b]) and torch.equal(padded[0], batched[b]), b
