@@ -118,6 +118,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def ints(text):
         return [int(v) for v in text.split(",")] if text else None
 
+    if args.preset == "toy":
+        from .bench_toy import run_toy
+
+        unused = [f"--{n.replace('_', '-')}" for n in ("batch", "gen_length", "stage") if getattr(args, n)]
+        if unused:
+            raise SystemExit(f"{', '.join(unused)}: not options of --preset toy (see --problems)")
+        run_toy(
+            device=args.device,
+            rounds=args.reps,
+            json_path=args.json,
+            markdown_path=args.markdown,
+            plot_path=args.plot,
+            command="hybridkernels " + " ".join(sys.argv[1:]),
+            **({} if args.problems is None else {"problems": args.problems}),
+        )
+        return 0
     bench.run(
         args.preset,
         device=args.device,
@@ -145,43 +161,26 @@ def _torch_setup(args):
     return device, dtype
 
 
-def _tiny_demo(questions, mode, device, dtype):
-    """Tiny random-weight planner, executor, projector and word-level tokenizers built from the
-    words of the questions and the prompt templates (nothing is downloaded or read)."""
-    import re
+def _toy_parts(questions, device, dtype):
+    """The shipped toy Countdown models (:mod:`hybridkernels.toy`), after checking that both
+    tokenizers encode every question; returns the parts, templates and defaults for the CLI."""
+    from .toy import config as toy_config
+    from .toy import load_toy
+    from .toy.tokenization import check_encodable
 
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from .models import ARExecutor, LatentProjector, Transformer, TransformerConfig
-    from .models.planner import DiffusionPlanner
-    from .models.prompting import PromptTemplates
-
-    texts = list(questions) + [t.format(question="", plan="") for t in vars(PromptTemplates()).values()]
-    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)})
-    special = ["[PAD]", "[UNK]", "[EOS]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(special + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", mask_token="[MASK]"
-    )
-
-    def model(causal):
-        config = TransformerConfig(
-            vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-            num_kv_heads=1 if causal else 2, head_dim=32, causal=causal,
-            family="llama" if causal else "llada", mask_token_id=None if causal else vocab["[MASK]"],
-            eos_token_ids=(vocab["[EOS]"],), initializer_range=0.2,
-        )  # fmt: skip
-        torch.manual_seed(int(causal))
-        return Transformer(config, device=device).to(dtype).eval()
-
-    planner = DiffusionPlanner(model(causal=False))
-    executor = ARExecutor(model(causal=True))
-    projector = LatentProjector.for_models(planner, executor) if mode == "latent" else None
-    return planner, executor, projector, tokenizer, tokenizer
+    toy = load_toy(device=device, dtype=dtype)
+    for q in questions:
+        check_encodable(toy.planner_tokenizer, q, where="hybridkernels generate", name="planner")
+        check_encodable(toy.executor_tokenizer, q, where="hybridkernels generate", name="executor")
+    sizes = [k for k in map(_countdown_size, questions) if k in toy_config.GEN_LENGTH]
+    n = max(sizes, default=min(toy_config.GEN_LENGTH))
+    defaults = {
+        "gen_length": toy_config.gen_length(n),
+        "max_new_tokens": toy_config.ANSWER_MAX_NEW_TOKENS[n],
+        "plan_max_new_tokens": toy_config.PLAN_MAX_NEW_TOKENS[n],
+    }
+    parts = (toy.planner, toy.executor, toy.projector, toy.planner_tokenizer, toy.executor_tokenizer)
+    return parts, toy.templates, defaults
 
 
 def _load_pipeline_parts(args, device, dtype):
@@ -205,7 +204,8 @@ def _load_pipeline_parts(args, device, dtype):
 
 
 def _planner_kwargs(args) -> dict:
-    kw = {"gen_length": args.gen_length, "steps": args.planner_steps}
+    gen_length = 64 if args.gen_length is None else args.gen_length
+    kw = {"gen_length": gen_length, "steps": gen_length if args.planner_steps is None else args.planner_steps}
     if args.block_length is not None:
         kw["block_length"] = args.block_length
     for name in ("cache", "threshold"):
@@ -221,18 +221,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         device, dtype = _torch_setup(args)
-        if args.planner is None and args.executor is None:
+        toy = args.planner is None and args.executor is None
+        templates, defaults = None, {"gen_length": 64, "max_new_tokens": 64}
+        if toy:
             print(
-                "hybridkernels generate: no --planner/--executor given: using tiny random-weight models and "
-                "word-level tokenizers built from the question (the answers are noise; this shows the "
-                "pipeline running end to end)",
+                "hybridkernels generate: no --planner/--executor given: the shipped toy Countdown models "
+                "(hybridkernels.toy; a question is 'a,b,c,target')",
                 file=sys.stderr,
             )
-            parts = _tiny_demo(args.question, args.mode, device, dtype)
+            parts, templates, defaults = _toy_parts(args.question, device, dtype)
         else:
             parts = _load_pipeline_parts(args, device, dtype)
         planner, executor, projector, p_tok, e_tok = parts
+        for name in ("gen_length", "max_new_tokens"):
+            if getattr(args, name) is None:
+                setattr(args, name, defaults[name])
         executor_kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        if "plan_max_new_tokens" in defaults:
+            executor_kwargs["plan_max_new_tokens"] = defaults["plan_max_new_tokens"]
         if args.seed is not None:
             executor_kwargs["seed"] = args.seed
         pipe = HybridPipeline(
@@ -242,6 +248,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             mode=args.mode,
             planner_tokenizer=p_tok,
             executor_tokenizer=e_tok,
+            templates=templates,
             planner_kwargs=_planner_kwargs(args),
             executor_kwargs=executor_kwargs,
             naive=args.naive,
@@ -260,8 +267,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, (q, plan, answer) in enumerate(zip(args.question, out.plans, out.answers, strict=True)):
         print(f"[{i}] question: {q}")
         latent = f" (read as {out.stats.latent_vectors} latent vectors)" if args.mode == "latent" else ""
-        print(f"    plan: {plan}{latent}")
-        print(f"    answer: {answer}")
+        print(f"    plan: {plan}{latent}{_verdict(toy, q, plan, 'plan')}")
+        print(f"    answer: {answer}{_verdict(toy, q, answer, 'answer')}")
     s = out.stats
     prefill = "-" if s.executor_prefill_s is None else f"{s.executor_prefill_s:.3f}s"
     decode = "-" if s.executor_decode_s is None else f"{s.executor_decode_s:.3f}s"
@@ -272,6 +279,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{s.tokens_per_s:.1f} tokens/s"
     )
     return 0
+
+
+def _countdown_size(question: str) -> int | None:
+    """The number of inputs of a Countdown question, None when it is not one."""
+    from .toy import countdown
+
+    try:
+        return len(countdown.parse_question(question)[0])
+    except ValueError:
+        return None
+
+
+def _verdict(toy: bool, question: str, text: str, what: str) -> str:
+    """With the toy models: whether a Countdown plan / answer checks (exact arithmetic)."""
+    if not toy:
+        return ""
+    from .toy import countdown
+
+    if _countdown_size(question) is None:
+        return ""
+    ok = (countdown.check_plan if what == "plan" else countdown.check_answer)(question, text)
+    return "   [checks]" if ok else "   [does not check]"
 
 
 def cmd_train_projector(args: argparse.Namespace) -> int:
@@ -330,13 +359,50 @@ def cmd_train_projector(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_toy(args: argparse.Namespace) -> int:
+    from .toy.train import Interrupted, resume_hint, train_toy
+
+    try:
+        report = train_toy(
+            args.outdir, resume=args.resume, overwrite=args.overwrite, seed=args.seed, quick=args.quick,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except Interrupted as exc:
+        print(f"\nhybridkernels train-toy: {exc}", file=sys.stderr)
+        print(f"resume with: {resume_hint(args.outdir, args.quick, args.seed)}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"hybridkernels train-toy: error: {exc}", file=sys.stderr)
+        return 2
+    for name, result in report["results"].items():
+        acc = ", ".join(f"{mode} {value:.3f}" for mode, value in result["accuracy"].items())
+        print(f"{name} ({result['count']} held-out problems): {acc}")
+    print(f"trained in {report['train_seconds']['total']:.0f}s; models and accuracy.json in {args.outdir}")
+    return 0
+
+
+def _add_train_toy_parser(sub) -> None:
+    tt = sub.add_parser(
+        "train-toy",
+        help="train the toy Countdown planner, executor and projector on the CPU (~15 minutes)",
+        description="Seeded; Ctrl-C leaves a resumable checkpoint. See hybridkernels.toy.train.",
+    )
+    tt.add_argument("outdir", help="output directory (must be empty unless --resume / --overwrite)")
+    tt.add_argument("--resume", action="store_true", help="continue an interrupted run in OUTDIR")
+    tt.add_argument("--overwrite", action="store_true", help="replace a previous run in OUTDIR")
+    tt.add_argument("--seed", type=int, default=0, help="training seed (default 0, the shipped models)")
+    tt.add_argument("--quick", action="store_true", help="a few steps of every stage (smoke test)")
+    tt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tt.set_defaults(func=cmd_train_toy)
+
+
 def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--planner", required=required, help="planner checkpoint directory (LLaDA-style)")
     p.add_argument("--executor", required=required, help="executor checkpoint directory (Llama/Qwen)")
     p.add_argument("--planner-tokenizer", help="planner tokenizer directory (default: --planner)")
     p.add_argument("--executor-tokenizer", help="executor tokenizer directory (default: --executor)")
-    p.add_argument("--gen-length", type=int, default=64, help="planning tokens (default 64)")
-    p.add_argument("--planner-steps", type=int, default=64, help="planner denoising steps (default 64)")
+    p.add_argument("--gen-length", type=int, help="planning tokens (default 64; the toy models: theirs)")
+    p.add_argument("--planner-steps", type=int, help="planner denoising steps (default: --gen-length)")
     p.add_argument("--block-length", type=int, help="planner block length (default: --gen-length)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
@@ -346,7 +412,8 @@ def _add_pipeline_parsers(sub) -> None:
     gen = sub.add_parser(
         "generate",
         help="answer questions with the planner -> executor pipeline (latent, text or ar mode)",
-        description="Without --planner/--executor, tiny random-weight models are built (noise answers).",
+        description="Without --planner/--executor, the toy Countdown models shipped with the package "
+        "answer (questions like '6,3,9,27'), and each plan and answer is checked.",
     )
     gen.add_argument("question", nargs="+", help="one or more questions (one batch)")
     gen.add_argument("--mode", choices=("latent", "text", "ar"), default="latent")
@@ -354,7 +421,7 @@ def _add_pipeline_parsers(sub) -> None:
     gen.add_argument("--projector", help="LatentProjector directory (latent mode)")
     gen.add_argument("--cache", choices=("prefix", "dual"), help="planner K/V cache")
     gen.add_argument("--threshold", type=float, help="planner confidence threshold (Fast-dLLM)")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens at most (default 64)")
+    gen.add_argument("--max-new-tokens", type=int, help="answer tokens at most (default 64; toy: theirs)")
     gen.add_argument("--temperature", type=float, default=0.0, help="executor sampling temperature")
     gen.add_argument("--seed", type=int, help="executor sampling seed")
     gen.add_argument("--naive", action="store_true", help="run the naive reference loops (baseline)")
@@ -408,24 +475,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="tokens/s of the naive loops vs the fast paths, in one run (the main job)",
-        description="Times every stage against its baseline on the same random-weight models and "
-        "inputs, after checking that both produce the same tokens.",
+        help="accuracy and tokens/s of every mode vs the naive loops, in one run (the main job)",
+        description="The default preset 'toy' answers held-out Countdown problems with the shipped "
+        "trained planner and executor in every decoding and pipeline mode: accuracy beside tokens/s. "
+        "The other presets time every stage against its baseline on random-weight models of the "
+        "given shapes, after checking that both produce the same tokens.",
     )
     bench.add_argument(
-        "--preset", default="tiny", choices=sorted(PRESETS), help="model shapes (default: tiny)"
+        "--preset",
+        default="toy",
+        choices=["toy", *sorted(PRESETS)],
+        help="toy: the shipped trained models (default); others: random-weight model shapes",
     )
+    bench.add_argument("--problems", type=int, default=None, help="toy: held-out problems in the batch")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--batch", help="comma-separated batch sizes (default: the preset's)")
     bench.add_argument("--gen-length", help="comma-separated generation lengths (default: the preset's)")
     bench.add_argument("--stage", help="comma-separated stages to run (default: all)")
-    bench.add_argument("--reps", type=int, default=3, help="timed repetitions of the fast path (median)")
+    bench.add_argument(
+        "--reps", type=int, default=5, help="timed rounds, baseline and ours alternating (median)"
+    )
     bench.add_argument("--json", help="write rows, environment and probes to this JSON file")
     bench.add_argument("--markdown", help="write a markdown table to this file")
     bench.add_argument("--plot", help="write tokens/s plots to this PNG (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)
 
     _add_pipeline_parsers(sub)  # generate, train-projector
+    _add_train_toy_parser(sub)
     return parser
 
 
