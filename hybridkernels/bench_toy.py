@@ -364,7 +364,8 @@ def format_quality_markdown(rows: list[QualityRow], meta: dict) -> str:
         f"**{env.get('device')}**, torch {env['torch']}, {env['date'][:10]}: {meta['problems']} held-out "
         f"Countdown problems with {meta['difficulty']} inputs, plan {meta['gen_length']} tokens in blocks of "
         f"{meta['block_length']}, {meta['rounds']} timed rounds round-robin "
-        f"(`{meta['command'] or 'hybridkernels bench'}`)",
+        f"(`{meta['command'] or 'hybridkernels bench'}`"
+        + (f", `{meta['source']}`)" if meta.get("source") else ")"),
         "",
         "| group | method | answer acc. | plan acc. | tokens/s | speedup | tokens/step | forward passes "
         "| executor tokens/q | ms/question | spread |",
