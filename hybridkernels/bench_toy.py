@@ -224,6 +224,7 @@ class ToyBench:
 
 def run_toy(
     *,
+    checkpoints: str | None = None,
     device: str | None = None,
     problems: int = 256,
     n: int = 3,
@@ -235,9 +236,10 @@ def run_toy(
     plot_path: str | None = None,
     command: str = "",
 ) -> list[QualityRow]:
-    """Load the shipped toy models, answer ``problems`` held-out Countdown problems with ``n``
-    inputs in every mode, and print / write the accuracy + speed table. Timed rounds stop early
-    (after at least 2) once ``time_budget_s`` is spent; the output says how many ran."""
+    """Load the toy models (shipped, or a ``train-toy`` output directory ``checkpoints``), answer
+    ``problems`` held-out Countdown problems with ``n`` inputs in every mode, and print / write
+    the accuracy + speed table. Timed rounds stop early (after at least 2) once ``time_budget_s``
+    is spent; the output says how many ran."""
     from .toy import heldout_problems, load_toy
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -250,7 +252,7 @@ def run_toy(
         torch.set_num_threads(1)
     t_start = time.perf_counter()
     questions = [p.question for p in heldout_problems(n, problems)]  # accuracy.json's first ones
-    bench = ToyBench(load_toy(device=dev), questions, dev, n=n, block=block_length)
+    bench = ToyBench(load_toy(checkpoints, device=dev), questions, dev, n=n, block=block_length)
     print(
         f"hybridkernels bench --preset toy: the shipped trained planner and executor on {len(questions)} "
         f"held-out Countdown problems with {n} inputs, batched, on {dev}; plan {bench.gen} tokens (blocks "
@@ -278,6 +280,7 @@ def run_toy(
     print(f"done in {elapsed:.1f} s")
     meta = {
         "preset": "toy",
+        "checkpoints": checkpoints or "shipped",
         "command": command,
         "environment": benchmarking.environment(dev),
         "problems": len(questions),

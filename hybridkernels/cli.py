@@ -125,6 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if unused:
             raise SystemExit(f"{', '.join(unused)}: not options of --preset toy (see --problems)")
         run_toy(
+            checkpoints=args.checkpoints,
             device=args.device,
             rounds=args.reps,
             json_path=args.json,
@@ -488,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="toy: the shipped trained models (default); others: random-weight model shapes",
     )
     bench.add_argument("--problems", type=int, default=None, help="toy: held-out problems in the batch")
+    bench.add_argument(
+        "--checkpoints", help="toy: a train-toy output directory (default: the shipped models)"
+    )
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--batch", help="comma-separated batch sizes (default: the preset's)")
     bench.add_argument("--gen-length", help="comma-separated generation lengths (default: the preset's)")

@@ -79,3 +79,40 @@ def test_readme_performance_section_matches_committed_results():
     script = [sys.executable, str(ROOT / "benches" / "render_readme.py"), "--check"]
     proc = subprocess.run(script, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_toy(tmp_path_factory):
+    """A train-toy --quick output (a few steps of every stage: the plumbing, not the accuracy)."""
+    from hybridkernels.toy.train import train_toy
+
+    out = tmp_path_factory.mktemp("toy")
+    train_toy(out, overwrite=True, quick=True, progress=False, log=lambda *a: None)
+    return out
+
+
+def test_toy_bench_rows_and_outputs(quick_toy, tmp_path, capsys):
+    from hybridkernels import bench_toy
+
+    rows = bench_toy.run_toy(
+        checkpoints=str(quick_toy), device="cpu", problems=6, rounds=2,
+        json_path=str(tmp_path / "t.json"), markdown_path=str(tmp_path / "t.md"),
+    )  # fmt: skip
+    methods = [r.method for r in rows]
+    for want in ("naive LLaDA loop", "prefix cache, threshold 0.9", "dual cache, threshold 0.5", "(NAP) k=8",
+                 "executor alone", "AR->AR", "text: planner", "latent: planner"):  # fmt: skip
+        assert any(want in m for m in methods), want
+    planner = [r for r in rows if r.group == "planner"]
+    assert len(planner) == 1 + 3 * 4 + 3 and all(r.plan_accuracy is not None for r in planner)
+    for r in rows:
+        assert 0 <= r.answer_accuracy <= 1 and r.tokens_per_s > 0 and r.speedup > 0 and r.spread >= 0
+    nap8 = next(r for r in planner if r.method.endswith("k=8"))
+    assert nap8.tokens_per_step > 4 and nap8.forward_passes < planner[0].forward_passes
+    ar = next(r for r in rows if r.method.startswith("AR->AR"))
+    text = next(r for r in rows if r.method.startswith("text: planner 1"))
+    assert ar.executor_tokens > text.executor_tokens - 1e-9  # AR->AR's executor also writes the plan
+    out = capsys.readouterr().out
+    assert "target: dual cache + threshold 0.9" in out and "spread" in out
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["preset"] == "toy" and len(data["quality_rows"]) == len(rows) and data["rounds"] == 2
+    assert "| group | method | answer acc." in (tmp_path / "t.md").read_text()
