@@ -214,16 +214,34 @@ def test_bad_input(parts):
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_generate_tiny_random_models(capsys):
+@pytest.fixture(scope="module")
+def quick_toy(tmp_path_factory):
+    """A train-toy --quick output standing in for the shipped checkpoints (the plumbing only)."""
+    from hybridkernels.toy.train import train_toy
+
+    out = tmp_path_factory.mktemp("toy")
+    train_toy(out, overwrite=True, quick=True, progress=False, log=lambda *a: None)
+    return out
+
+
+def test_cli_generate_uses_the_toy_models(quick_toy, monkeypatch, capsys):
+    """Without model directories, generate answers with the toy Countdown models and checks each
+    plan and answer; a question the tokenizers cannot encode is one error line and exit code 2."""
+    import hybridkernels.toy
+
+    monkeypatch.setattr(hybridkernels.toy, "toy_dir", lambda: quick_toy)
     for mode in ("latent", "text", "ar"):
-        args = ["generate", "what is the color of the sky ?", "and the sea ?", "--mode", mode]
-        assert cli.main(args + ["--gen-length", "4", "--planner-steps", "4", "--max-new-tokens", "3"]) == 0
+        assert cli.main(["generate", "6,3,9,27", "4,5,6,26", "--mode", mode, "--device", "cpu"]) == 0
         captured = capsys.readouterr()
-        assert "tiny random-weight models" in captured.err
+        assert "toy Countdown models" in captured.err
         assert captured.out.count("answer:") == 2 and f"mode {mode}:" in captured.out
-    assert cli.main(["generate", "hi", "--gen-length", "4", "--planner-steps", "4", "--json"]) == 0
+        assert captured.out.count("check") == 4  # "[checks]" or "[does not check]" per plan and answer
+    assert cli.main(["generate", "6,3,9,27", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["stats"]["latent_vectors"] == 4 and out["stats"]["mode"] == "latent"
+    assert out["stats"]["mode"] == "latent" and out["stats"]["latent_vectors"] > 0
+    assert cli.main(["generate", "what is the sky?", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot encode" in err[-1] and "Traceback" not in "\n".join(err)
 
 
 @pytest.fixture(scope="module")
