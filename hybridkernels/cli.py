@@ -61,6 +61,7 @@ def collect_info() -> dict:
         "backend_env": os.environ.get("HYBRIDKERNELS_BACKEND", "auto"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
         "op_backends": ops.backend_table(("cpu", "cuda")),
+        "kernel_head_dims": ops.kernel_head_dims(),
     }
 
 
@@ -91,6 +92,10 @@ def _print_info(info: dict) -> None:
     print("  op backends (auto choice for cpu / cuda tensors; 'cuda' on cpu = _C's C++ path):")
     for op, row in info["op_backends"].items():
         print(f"    {op:<24} " + "  ".join(f"{dev}: {name:<10}" for dev, name in row.items()))
+    print("  head_dim      the kernels cover (other head dims run the reference, SDPA for attention")
+    print("                on a GPU, with a one-time warning; the reference takes any head_dim):")
+    for op, row in info["kernel_head_dims"].items():
+        print(f"    {op:<24} " + "  ".join(f"{b}: {tuple(dims)}" for b, dims in row.items()))
 
 
 def cmd_info(args: argparse.Namespace) -> int:

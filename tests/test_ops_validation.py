@@ -28,7 +28,8 @@ def _qkv(B=2, Lq=4, Lk=6, Hq=4, Hkv=2, D=32, dtype=torch.float32):
             "multiple of k/v heads",
         ),
         (lambda q, k, v: (q, k, v[:, :5], {}), ValueError, "v must have shape"),
-        (lambda q, k, v: (q[..., :24], k[..., :24], v[..., :24], {}), ValueError, "head_dim 24"),
+        # issue 16: any head_dim >= 1 runs (tests/test_head_dims.py); 0 is refused
+        (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0], {}), ValueError, "head_dim must be >= 1"),
         (lambda q, k, v: (torch.cat([q, q], 1), k, v, {}), ValueError, "Lq \\(8\\) must be <= Lk \\(6\\)"),
         (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 6)}), TypeError, "key_padding_mask"),
         (

@@ -6,8 +6,17 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._checks import FLOAT_DTYPES, check_head_dim, check_same_dtype, check_scale, check_shape, check_tensor
-from ._dispatch import OpBackends
+from ._checks import (
+    FLOAT_DTYPES,
+    HEAD_DIMS,
+    check_head_dim,
+    check_same_dtype,
+    check_scale,
+    check_shape,
+    check_tensor,
+    head_dim_reason,
+)
+from ._dispatch import OpBackends, warn_fallback
 
 # The op's name in messages and in ``hybridkernels info`` (its name before ``attention``).
 OP = "bidirectional_attention"
@@ -95,7 +104,8 @@ def attention(
     Args:
         q: ``[B, Lq, Hq, D]`` float16 / bfloat16 / float32, last dim contiguous.
         k, v: ``[B, Lk, Hkv, D]``, same dtype and device, ``Hq % Hkv == 0`` (GQA), ``Lq <= Lk``.
-            ``D`` in {32, 64, 96, 128, 256}.
+            Any ``D >= 1``; the Triton kernels cover ``D`` in {32, 64, 96, 128, 256}, and other
+            head dims run the reference (torch SDPA on a GPU) with a one-time warning.
         key_padding_mask: optional bool ``[B, Lk]``, True = attend (left-padded batches).
         causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (queries aligned to the end).
         scale: softmax scale, default ``1 / sqrt(D)``.
@@ -128,9 +138,15 @@ def attention(
         check_shape(OP, "key_padding_mask", key_padding_mask, (B, Lk), "[B, Lk]")
     check_scale(OP, scale)
 
-    name = DISPATCH.choose(backend, q.device)
+    triton_reason = head_dim_reason("the Triton attention kernels", D, HEAD_DIMS)
+    name, fallback = DISPATCH.resolve(backend, q.device, {"triton": triton_reason})
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     impl = sdpa_attention if needs_grad and name != "reference" else IMPLEMENTATIONS[name]
+    if fallback is not None:
+        running = name
+        if name == "reference" and q.device.type == "cuda":  # a kernel's head dim: SDPA is faster
+            impl, running = sdpa_attention, "torch SDPA"
+        warn_fallback(OP, fallback[0], fallback[1], running)
     return impl(
         q,
         k,

@@ -24,6 +24,8 @@ from ..validation import (
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The head dims the Triton attention kernels are tuned and compiled for; the ops take any
+# head_dim >= 1 and run the reference (or SDPA) on the others.
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _VALUE_CHECKS = contextvars.ContextVar("hybridkernels_value_checks", default=True)
 
@@ -32,6 +34,7 @@ __all__ = [
     "HEAD_DIMS",
     "INDEX_DTYPES",
     "check_head_dim",
+    "head_dim_reason",
     "check_op_int",
     "check_same_dtype",
     "check_scale",
@@ -43,9 +46,19 @@ __all__ = [
 ]
 
 
-def check_head_dim(op: str, d: int, supported=HEAD_DIMS) -> None:
-    if d not in supported:
-        raise ValueError(f"{op}: head_dim {d} is not supported (supported: {supported})")
+def check_head_dim(op: str, d: int) -> None:
+    """Every op takes any head_dim >= 1 (the reference does); kernels that cover fewer say so
+    through :func:`head_dim_reason` and the dispatch falls back."""
+    if d < 1:
+        raise ValueError(f"{op}: head_dim must be >= 1, got {d}")
+
+
+def head_dim_reason(kernels: str, d: int, supported=HEAD_DIMS) -> str | None:
+    """Why ``kernels`` (e.g. ``"the Triton attention kernels"``) cannot take head_dim ``d``, or
+    None: a dispatch ``extra_reason``."""
+    if d in supported:
+        return None
+    return f"{kernels} cover head_dim {supported}, got head_dim {d}"
 
 
 def check_op_int(op: str, name: str, value, *, low: int | None = None, high: int | None = None) -> int:

@@ -13,6 +13,7 @@ from ._checks import (
     check_scale,
     check_shape,
     check_tensor,
+    head_dim_reason,
     value_checks_enabled,
 )
 from ._dispatch import OpBackends
@@ -32,8 +33,9 @@ def _cuda_reason(D: int, tensors: list[torch.Tensor]) -> str | None:
     """Why the ``_C`` kernels cannot take these inputs (head dim; 16-byte rows on a GPU)."""
     if any(t.numel() == 0 for t in tensors[:3]):
         return "empty batch or cache"
-    if D not in CUDA_HEAD_DIMS:
-        return f"the compiled decode kernels support head_dim {CUDA_HEAD_DIMS}, got {D}"
+    why = head_dim_reason("the compiled decode kernels", D, CUDA_HEAD_DIMS)
+    if why is not None:
+        return why
     for t in tensors:
         if t.device.type != "cuda":
             continue
@@ -69,7 +71,8 @@ def decode_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, Hq]`` float32.
         backend: ``"cuda"`` (the ``_C`` extension: CUDA kernels on a GPU, its C++ path on the
-            CPU; ``D`` in {64, 128}), ``"reference"`` or None (env, then auto).
+            CPU; ``D`` in {64, 128}), ``"reference"`` (any ``D``) or None (env, then auto; other
+            head dims run the reference, with a one-time warning).
 
     Returns ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
