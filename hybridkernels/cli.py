@@ -514,11 +514,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_error(device: str | None) -> str | None:
+    """Why ``--device`` cannot run here (not cpu / cuda, or cuda without that GPU), or None."""
+    if not device:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device {device!r}: hybridkernels runs on cpu or cuda"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return (
+                f"--device {device}: no CUDA GPU is available (torch {torch.__version__}, CUDA "
+                f"{torch.version.cuda or 'not built in'}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return f"--device {device}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 2
+    why = _device_error(getattr(args, "device", None))
+    if why is not None:
+        print(f"hybridkernels {args.command}: error: {why}", file=sys.stderr)
         return 2
     return args.func(args)
 

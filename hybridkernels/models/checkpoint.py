@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -108,10 +108,21 @@ def map_state_dict(
     """Rename checkpoint ``tensors`` to our names and check them against ``expected`` (our
     parameter name -> shape, for ``config``).
 
-    Raises ``ValueError`` listing every unknown name, missing parameter and wrong shape. A tied
+    Raises ``TypeError`` listing the tensors that are not floating point, and ``ValueError``
+    listing every unknown name, missing parameter and wrong shape. A tied
     model accepts an ``lm_head.weight`` only if it equals the embedding (HF state dicts list it).
     """
     scheme = detect_scheme(tensors) if names == "auto" else names
+    not_float = [
+        f"{name}: {t.dtype}"
+        for name, t in tensors.items()
+        if not _IGNORED_RE.fullmatch(name) and isinstance(t, torch.Tensor) and not t.is_floating_point()
+    ]
+    if not_float:
+        raise TypeError(
+            f"{source}: weights must be floating point tensors (float16, bfloat16, float32)"
+            + _listing("tensors of another dtype", not_float)
+        )
     mapped: dict[str, torch.Tensor] = {}
     unknown, shapes, misshapen = [], [], set()
     for name, tensor in tensors.items():
@@ -163,15 +174,53 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------- directories
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file,
+    each a relative path that stays inside the checkpoint directory."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index}: cannot read the index ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{index}: not valid JSON ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        got = (
+            "no weight_map"
+            if not isinstance(data, dict) or "weight_map" not in data
+            else type(weight_map).__name__
+        )
+        raise ValueError(
+            f"{index}: expected a JSON object with a weight_map {{tensor name: shard file}}, got {got}"
+        )
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"{index}: weight_map[{name!r}] must be a shard file name, got {file!r}")
+        parts = PurePosixPath(file.replace("\\", "/")).parts
+        if PurePosixPath(file).is_absolute() or Path(file).is_absolute() or ".." in parts:
+            raise ValueError(
+                f"{index}: weight_map[{name!r}] = {file!r} is outside the checkpoint directory "
+                "(shard files must be relative paths inside it)"
+            )
+    return weight_map
+
+
+def _open_error(file: Path, exc: Exception) -> ValueError:
+    return ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})")
+
+
 def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every ``(name, tensor)`` of the ``*.safetensors`` in ``path`` (the index's shards when
-    ``model.safetensors.index.json`` exists), loaded on the CPU."""
+    ``model.safetensors.index.json`` exists), loaded on the CPU.
+
+    A file that is not a safetensors file (truncated, empty, a pickle, a device, ...) raises a
+    ``ValueError`` naming it; so does an index whose entries are malformed or leave ``path``."""
     from safetensors import safe_open
 
     path = Path(path)
     index = path / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_index(index)
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
@@ -183,14 +232,27 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise ValueError(f"{path}: no *.safetensors files")
     seen: set[str] = set()
     for file in files:
-        with safe_open(str(path / file), framework="pt", device="cpu") as f:
+        full = path / file
+        if not full.is_file():  # a directory, /dev/zero, a FIFO: never open it
+            raise ValueError(f"{full}: not a regular file (a safetensors file was expected)")
+        try:
+            handle = safe_open(str(full), framework="pt", device="cpu")
+        except Exception as exc:  # SafetensorError (not a ValueError), OSError, ...
+            raise _open_error(full, exc) from None
+        with handle as f:
             for name in f.keys():
                 if weight_map is not None and weight_map.get(name) != file:
                     raise ValueError(
                         f"{index}: tensor {name!r} is in {file} but the index says {weight_map.get(name)!r}"
                     )
                 seen.add(name)
-                yield name, f.get_tensor(name)
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as exc:
+                    raise ValueError(
+                        f"{full}: cannot read tensor {name!r} ({type(exc).__name__}: {exc})"
+                    ) from None
+                yield name, tensor
     absent = sorted(set(weight_map or ()) - seen)
     if absent:
         raise ValueError(f"{index}: tensors listed but absent from the shards: {absent[:MAX_LISTED]}")
@@ -199,9 +261,19 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 def read_config(path: str | Path, overrides: Mapping | None = None) -> TransformerConfig:
     """The :class:`TransformerConfig` of checkpoint directory ``path`` (its ``config.json``)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
+    file = path / "config.json"
+    if not file.is_file():
         raise ValueError(f"load_pretrained: {path} has no config.json")
-    return TransformerConfig.from_dict(json.loads((path / "config.json").read_text()), **(overrides or {}))
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not a readable JSON config ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return TransformerConfig.from_dict(data, **(overrides or {}))
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{file}: {exc}") from None
 
 
 def save_pretrained(

@@ -106,7 +106,15 @@ class TransformerConfig:
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"TransformerConfig: rope_theta must be > 0, got {self.rope_theta}")
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
-        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        ids = self.eos_token_ids
+        ids = tuple(ids) if isinstance(ids, (list, tuple)) else ids
+        if not isinstance(ids, tuple) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids
+        ):
+            raise ValueError(
+                f"TransformerConfig: eos_token_id must be a non-negative int or a list of them, got {ids!r}"
+            )
+        self.eos_token_ids = ids
 
     @property
     def q_size(self) -> int:
@@ -266,7 +274,8 @@ def _normalize_rope_scaling(scaling, max_positions: int) -> dict | None:
 def _eos_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+    # Checked (ints >= 0) by TransformerConfig: no int() here, which would turn 2.5 into 2.
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def _from_hf(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:

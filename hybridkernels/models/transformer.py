@@ -30,6 +30,8 @@ from ..validation import check_attention_mask, check_token_ids, renamed
 from . import checkpoint
 from .config import TransformerConfig
 
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 @runtime_checkable
 class KVCacheHook(Protocol):
@@ -471,7 +473,17 @@ def build_model(
     attention_backend: str | None = None,
 ) -> Transformer:
     """A :class:`Transformer` holding ``state`` (our names, already checked), cast to
-    ``dtype``/``device``. Tensors already in that dtype and device are used without a copy."""
+    ``dtype``/``device``. Tensors already in that dtype and device are used without a copy.
+
+    The model's dtype (``dtype``, else the embedding's) must be one the ops take: float16,
+    bfloat16 or float32 (a float64 checkpoint loads with an explicit ``dtype``)."""
+    model_dtype = dtype if dtype is not None else state["embed_tokens.weight"].dtype
+    if not isinstance(model_dtype, torch.dtype) or model_dtype not in MODEL_DTYPES:
+        given = "the checkpoint's" if dtype is None else "dtype ="
+        raise TypeError(
+            f"Transformer: {given} {model_dtype} is not a model dtype the ops take (float16, bfloat16, "
+            "float32); pass dtype=torch.float32 (or torch.bfloat16 / torch.float16)"
+        )
     model = Transformer(config, device="meta", causal=causal, attention_backend=attention_backend)
     state = {n: t.detach().to(device=device, dtype=dtype) for n, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
