@@ -398,6 +398,14 @@ class ARExecutor:
                 raise TypeError(
                     f"{WHERE}: prefix_embeds has dtype {prefix_embeds.dtype}, the model {self.model.dtype}"
                 )
+            if prefix_embeds.device.type == "meta":
+                raise ValueError(f"{WHERE}: prefix_embeds is on meta (a tensor without data)")
+            if not bool(torch.isfinite(prefix_embeds).all()):
+                bad = (~torch.isfinite(prefix_embeds)).nonzero()[0].tolist()
+                raise ValueError(
+                    f"{WHERE}: prefix_embeds holds non-finite values (NaN or inf), e.g. "
+                    f"prefix_embeds{bad} = {float(prefix_embeds[tuple(bad)])}"
+                )
             embeds.append(prefix_embeds.to(dev))
             valid.append(torch.ones(prefix_embeds.shape[:2], dtype=torch.bool, device=dev))
         if input_ids is not None:
@@ -427,6 +435,9 @@ class ARExecutor:
             raise ValueError(f"{WHERE}: input_ids must be a non-empty [B, L] tensor, got {_desc(input_ids)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"{WHERE}: input_ids must hold integer token ids, got {input_ids.dtype}")
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                raise ValueError(f"{WHERE}: {name} is on meta (a tensor without data)")
         ids = input_ids.to(dev, torch.long)
         if bool(((ids < 0) | (ids >= V)).any()):
             raise ValueError(
@@ -443,7 +454,10 @@ class ARExecutor:
             raise TypeError(
                 f"{WHERE}: attention_mask must be bool or 0/1 integers, got {attention_mask.dtype}"
             )
-        return ids, attention_mask.to(dev) != 0
+        mask = attention_mask.to(dev)
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{WHERE}: attention_mask must hold 0/1 (or bool) values")
+        return ids, mask != 0
 
     def _sampling(self, temperature, top_k, top_p, eos_token_id, pad_token_id) -> _Sampling:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):

@@ -33,6 +33,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "HEAD_DIMS",
     "INDEX_DTYPES",
+    "check_has_data",
     "check_head_dim",
     "head_dim_reason",
     "check_op_int",
@@ -59,6 +60,15 @@ def head_dim_reason(kernels: str, d: int, supported=HEAD_DIMS) -> str | None:
     if d in supported:
         return None
     return f"{kernels} cover head_dim {supported}, got head_dim {d}"
+
+
+def check_has_data(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` is not a meta tensor: the ops that read values (positions, lengths, counts) need
+    data (the other inputs must be on ``t``'s device, so checking the first one is enough)."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{op}: {name} is on meta (a tensor without data); {op} reads values: give cpu or cuda tensors"
+        )
 
 
 def check_op_int(op: str, name: str, value, *, low: int | None = None, high: int | None = None) -> int:
@@ -188,6 +198,7 @@ def check_unmask_args(
     """Every check of ``unmask_step`` (see its docstring for the rules), in the order the op has
     always made them; returns the normalised arguments."""
     check_tensor(op, "x", x, ndim=2, dtypes=(torch.int64,))
+    check_has_data(op, "x", x)
     L = x.shape[1]
     Lr, V = _unmask_scores_shape(op, x, logits, hidden, lm_head)
     if Lr == 0 or V == 0:

@@ -7,6 +7,7 @@ import torch
 from .. import _cuda, reference
 from ._checks import (
     FLOAT_DTYPES,
+    check_has_data,
     check_head_dim,
     check_op_int,
     check_same_dtype,
@@ -77,6 +78,7 @@ def decode_attention(
     Returns ``out [B, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
     check_tensor(OP, "q", q, ndim=3, dtypes=FLOAT_DTYPES, contiguous_last=True)
+    check_has_data(OP, "q", q)
     dev = q.device
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(OP, name, t, ndim=4, dtypes=FLOAT_DTYPES, device=dev, contiguous_last=True)

@@ -8,6 +8,7 @@ from .. import _cuda, reference
 from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_has_data,
     check_same_dtype,
     check_shape,
     check_tensor,
@@ -61,6 +62,7 @@ def kv_append(
         backend: ``"cuda"`` (the ``_C`` extension: CUDA or its C++ CPU path), ``"reference"``.
     """
     check_tensor(OP, "k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_has_data(OP, "k_cache", k_cache)
     dev = k_cache.device
     check_tensor(OP, "v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
     check_tensor(OP, "k_new", k_new, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
