@@ -86,9 +86,11 @@ def save_tokenizer(tokenizer, path: str | Path) -> None:
 
 
 def load_tokenizer_dir(path: str | Path, *, where: str = "load_tokenizer_dir"):
-    """``AutoTokenizer.from_pretrained(path)`` (local files only), with a ``ValueError`` naming the
-    missing file when ``path`` lacks ``tokenizer.json`` or ``tokenizer_config.json``."""
-    from transformers import AutoTokenizer
+    """The ``PreTrainedTokenizerFast`` saved in ``path`` (local files only; what
+    ``AutoTokenizer.from_pretrained(path)`` also loads, without it reading the model's
+    ``config.json``), with a ``ValueError`` naming the missing file when ``path`` lacks
+    ``tokenizer.json`` or ``tokenizer_config.json``."""
+    from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
     if not path.is_dir():
@@ -96,7 +98,7 @@ def load_tokenizer_dir(path: str | Path, *, where: str = "load_tokenizer_dir"):
     for name in TOKENIZER_FILES[:2]:
         if not (path / name).is_file():
             raise ValueError(f"{where}: {path} has no {name} (the tokenizer is missing)")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
 def unencodable(tokenizer, text: str) -> list[str]:
