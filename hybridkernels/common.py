@@ -147,7 +147,10 @@ def eos_tensor(eos_token_id, device) -> torch.Tensor | None:
     """``eos_token_id`` (None, an int or a sequence of ints) as an int64 tensor, or None."""
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if not isinstance(ids, (list, tuple, torch.Tensor)):
+        raise ValueError(f"eos_token_id must be a non-negative int or a list of them, got {eos_token_id!r}")
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
         raise ValueError(f"eos_token_id must be a non-negative int or a list of them, got {eos_token_id!r}")
     return torch.tensor(ids, dtype=torch.long, device=device)

@@ -483,3 +483,11 @@ def test_batch_invariance(llama, num_samples):
             want = batched[b * num_samples + s]
             assert torch.equal(alone[s, : want.numel()], want[: alone.shape[1]]), (b, s)
             assert torch.equal(repadded[s, : want.numel()], want[: repadded.shape[1]]), (b, s)
+
+
+@pytest.mark.parametrize("eos", [2.5, "2", {2}])
+def test_eos_token_id_of_the_wrong_kind_is_a_clear_error(llama, eos):
+    _, ex = llama
+    ids, mask = prompts()
+    with pytest.raises(ValueError, match="eos_token_id must be a non-negative int or a list of them"):
+        ex.generate(ids, mask, max_new_tokens=2, eos_token_id=eos)
