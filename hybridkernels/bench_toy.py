@@ -26,7 +26,7 @@ from . import benchmarking
 
 THRESHOLDS = (0.9, 0.7, 0.5)
 NAP_K = (2, 4, 8)
-BLOCKS = 4  # the plan is decoded in this many blocks (semi-autoregressive, so the caches matter)
+BLOCKS = 2  # the plan is decoded in this many blocks (semi-autoregressive, so the caches matter)
 
 
 @dataclasses.dataclass
@@ -226,11 +226,11 @@ def run_toy(
     *,
     checkpoints: str | None = None,
     device: str | None = None,
-    problems: int = 256,
+    problems: int = 128,
     n: int = 3,
     block_length: int | None = None,
     rounds: int = 5,
-    time_budget_s: float | None = 120.0,
+    time_budget_s: float | None = 110.0,
     json_path: str | None = None,
     markdown_path: str | None = None,
     plot_path: str | None = None,

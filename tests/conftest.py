@@ -18,3 +18,14 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.fixture(params=["cpu", "cuda"] if HAS_CUDA else ["cpu"])
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def quick_toy(tmp_path_factory):
+    """A ``train-toy --quick`` output (a few steps of every stage: the plumbing, not the accuracy),
+    standing in for the shipped toy checkpoints."""
+    from hybridkernels.toy.train import train_toy
+
+    out = tmp_path_factory.mktemp("toy")
+    train_toy(out, overwrite=True, quick=True, progress=False, log=lambda *a: None)
+    return out

@@ -81,16 +81,6 @@ def test_readme_performance_section_matches_committed_results():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def quick_toy(tmp_path_factory):
-    """A train-toy --quick output (a few steps of every stage: the plumbing, not the accuracy)."""
-    from hybridkernels.toy.train import train_toy
-
-    out = tmp_path_factory.mktemp("toy")
-    train_toy(out, overwrite=True, quick=True, progress=False, log=lambda *a: None)
-    return out
-
-
 def test_toy_bench_rows_and_outputs(quick_toy, tmp_path, capsys):
     from hybridkernels import bench_toy
 

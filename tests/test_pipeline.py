@@ -214,16 +214,6 @@ def test_bad_input(parts):
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def quick_toy(tmp_path_factory):
-    """A train-toy --quick output standing in for the shipped checkpoints (the plumbing only)."""
-    from hybridkernels.toy.train import train_toy
-
-    out = tmp_path_factory.mktemp("toy")
-    train_toy(out, overwrite=True, quick=True, progress=False, log=lambda *a: None)
-    return out
-
-
 def test_cli_generate_uses_the_toy_models(quick_toy, monkeypatch, capsys):
     """Without model directories, generate answers with the toy Countdown models and checks each
     plan and answer; a question the tokenizers cannot encode is one error line and exit code 2."""

@@ -99,13 +99,14 @@ class ToyTrainConfig:
             hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=384
         )
     )
+    # head_dim 64: the executor decodes with _C's compiled kernels (head dims 64 and 128).
     executor_shape: ModelShape = dataclasses.field(
         default_factory=lambda: ModelShape(
-            hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384
+            hidden_size=128, num_layers=4, num_heads=2, num_kv_heads=1, intermediate_size=384
         )
     )
     planner: StageBudget = dataclasses.field(
-        default_factory=lambda: StageBudget(steps=3000, batch_size=128, lr=2e-3, warmup=100)
+        default_factory=lambda: StageBudget(steps=6000, batch_size=128, lr=2e-3, warmup=100)
     )
     executor: StageBudget = dataclasses.field(
         default_factory=lambda: StageBudget(steps=800, batch_size=96, lr=2e-3, warmup=50)

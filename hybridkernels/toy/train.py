@@ -73,8 +73,7 @@ class Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------- models
-def planner_config(shape: ModelShape, tokenizer) -> TransformerConfig:
-    """The planner's LLaDA-family config (bidirectional, mask / EOS ids of ``tokenizer``)."""
+def _config(shape: ModelShape, tokenizer, **kw) -> TransformerConfig:
     return TransformerConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
@@ -84,30 +83,22 @@ def planner_config(shape: ModelShape, tokenizer) -> TransformerConfig:
         num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim,
         rope_theta=shape.rope_theta,
-        max_position_embeddings=64,
-        causal=False,
-        family="llada",
-        mask_token_id=tokenizer.mask_token_id,
         eos_token_ids=(tokenizer.eos_token_id,),
+        **kw,
     )
+
+
+def planner_config(shape: ModelShape, tokenizer) -> TransformerConfig:
+    """The planner's LLaDA-family config (bidirectional, mask / EOS ids of ``tokenizer``)."""
+    return _config(
+        shape, tokenizer, max_position_embeddings=64, causal=False, family="llada",
+        mask_token_id=tokenizer.mask_token_id,
+    )  # fmt: skip
 
 
 def executor_config(shape: ModelShape, tokenizer) -> TransformerConfig:
     """The executor's HF Llama config (causal, EOS of ``tokenizer``)."""
-    return TransformerConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_layers=shape.num_layers,
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        rope_theta=shape.rope_theta,
-        max_position_embeddings=128,
-        causal=True,
-        family="llama",
-        eos_token_ids=(tokenizer.eos_token_id,),
-    )
+    return _config(shape, tokenizer, max_position_embeddings=128, causal=True, family="llama")
 
 
 def _init_model(config: TransformerConfig, seed: int) -> Transformer:
