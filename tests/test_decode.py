@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from hybridkernels import _cuda, reference
-from hybridkernels.ops import OP_BACKENDS
-from hybridkernels.ops import decode_attention
+from hybridkernels.ops import OP_BACKENDS, decode_attention
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -194,7 +193,9 @@ def test_nan_propagates_like_the_reference(device, num_splits):
 def test_auto_picks_the_compiled_path_on_cpu(monkeypatch):
     monkeypatch.delenv("HYBRIDKERNELS_BACKEND", raising=False)
     calls = []
-    monkeypatch.setitem(OP_BACKENDS["decode_attention"].implementations, "cuda", lambda *a, **kw: calls.append("cuda"))
+    monkeypatch.setitem(
+        OP_BACKENDS["decode_attention"].implementations, "cuda", lambda *a, **kw: calls.append("cuda")
+    )
     q, k, v, cache_lens, _ = _inputs(1, 2, 2, 64, 8)
     decode_attention(q, k, v, cache_lens)
     assert calls == ["cuda"]
