@@ -309,12 +309,28 @@ def _verdict(toy: bool, question: str, text: str, what: str) -> str:
     return "   [checks]" if ok else "   [does not check]"
 
 
+def _check_writable_dir(option: str, path: str) -> None:
+    """``path`` is, or can be made, a directory this process can write into (``OSError`` naming
+    ``option`` otherwise)."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise OSError(f"{option} {path} is not a writable directory: {exc.strerror or exc}") from None
+
+
 def cmd_train_projector(args: argparse.Namespace) -> int:
     from .models import LatentProjector
     from .models.training import read_examples, train_projector
 
     try:
         examples = read_examples(args.data)  # malformed input fails before any model loads
+        _check_writable_dir("--output", args.output)  # before training, not after it
         device, dtype = _torch_setup(args)
         planner, executor, projector, p_tok, e_tok = _load_pipeline_parts(args, device, dtype)
         if projector is None:
@@ -352,6 +368,13 @@ def cmd_train_projector(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         result.projector.save_pretrained(args.output)
+    except KeyboardInterrupt:
+        if args.checkpoint_dir:
+            hint = f"checkpoints are in {args.checkpoint_dir}: rerun the same command with --resume"
+        else:
+            hint = "no checkpoint was kept (pass --checkpoint-dir DIR to make a run resumable)"
+        print(f"\nhybridkernels train-projector: interrupted; {hint}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError) as exc:
         print(f"hybridkernels train-projector: error: {exc}", file=sys.stderr)
         return 2

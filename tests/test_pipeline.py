@@ -267,7 +267,7 @@ def test_cli_train_projector_then_generate(model_dirs, capsys):
     assert capsys.readouterr().out.count("answer:") == 2
 
 
-def test_cli_errors(model_dirs, tmp_path, capsys):
+def test_cli_errors(model_dirs, tmp_path, capsys, monkeypatch):
     root, _ = model_dirs
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "b"}\n{"question": "a", "answer": "b"}\n{"question": oops}\n')
@@ -276,6 +276,17 @@ def test_cli_errors(model_dirs, tmp_path, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:3: not valid JSON" in err and "train-projector: error" in err
+    # An unwritable --output is reported before any model loads or trains, not after all steps.
+    import hybridkernels.models.training as training
+
+    monkeypatch.setattr(training, "train_projector", lambda *a, **k: pytest.fail("trained before checking"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "a", "answer": "b"}\n')
+    args = ["train-projector", "--data", str(good), "--output", str(blocker / "proj")]
+    assert cli.main(args + ["--planner", str(root / "planner"), "--executor", str(root / "executor")]) == 2
+    assert "--output" in capsys.readouterr().err
     assert cli.main(["generate", "q", "--executor", str(root / "executor")]) == 2
     assert "--mode latent needs --planner DIR" in capsys.readouterr().err
     gen = ["generate", "q", "--planner", str(root / "planner"), "--executor", str(root / "executor")]

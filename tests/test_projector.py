@@ -311,3 +311,27 @@ def test_read_examples(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no examples"):
         read_examples(empty)
+
+
+def test_latents_cache_is_written_atomically_and_recomputed_when_it_does_not_load(tmp_path, monkeypatch):
+    """An interrupted write never leaves a half file under the cache's name, and a cache that does
+    not load (truncated, garbage) is recomputed instead of failing the run."""
+    import safetensors.torch
+
+    path = tmp_path / training.LATENTS_FILE
+    latents = torch.arange(6.0).reshape(1, 2, 3)
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training._cached_latents(path, "fp", lambda: latents)
+    assert not path.exists()
+    monkeypatch.undo()
+    path.write_bytes(b"garbage, not safetensors")
+    got = training._cached_latents(path, "fp", lambda: latents)
+    assert torch.equal(got, latents)
+    assert torch.equal(training._cached_latents(path, "fp", lambda: 1 / 0), latents)  # now it loads

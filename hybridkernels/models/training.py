@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -144,13 +145,19 @@ def _cached_latents(path: Path | None, fingerprint: str, compute) -> torch.Tenso
     from safetensors.torch import save_file
 
     if path is not None and path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == fingerprint:
-                return f.get_tensor("latents")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                    return f.get_tensor("latents")
+        except Exception as exc:  # a cache that does not load is recomputed, whatever broke it
+            print(f"{WHERE}: {path} does not load ({exc}); recomputing the latents", file=sys.stderr)
     latents = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents.contiguous()}, str(path), metadata={"fingerprint": fingerprint})
+        # Written beside and renamed: an interrupted write never leaves a half file under the name.
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
+        os.replace(tmp, path)
     return latents
 
 
