@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_executor import hf_model
 
 from hybridkernels import ops, reference
 from hybridkernels.models import ARExecutor
@@ -99,31 +99,9 @@ def test_auto_decode_falls_back_on_an_unsupported_head_dim_with_one_warning():
         ops.decode_attention(q, kc, kc, lens)
 
 
-def _hf_llama(head_dim, seed=0):
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=head_dim,
-        rms_norm_eps=1e-5,
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
-    return model
-
-
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_executor_runs_any_head_dim_and_matches_hf(D):
-    hf = _hf_llama(D)
+    hf = hf_model(head_dim=D)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 97, (2, 6), generator=g)
     mask = torch.ones(2, 6, dtype=torch.long)
