@@ -293,6 +293,24 @@ def test_train_projector_bad_input(task):
         train_projector(task.planner, task.executor, task.train, schedule="linear", **kw)
 
 
+def test_train_projector_refuses_sequences_longer_than_the_models_before_planning(task, monkeypatch):
+    import hybridkernels.models.training as training
+
+    monkeypatch.setattr(training, "plan_latents", lambda *a, **k: pytest.fail("planned a too-long question"))
+    kw = dict(planner_kwargs=PLANNER_KWARGS, progress=False, **task.tokenizers())
+    question = task.train[0]["question"]
+    long_question = " ".join([question] * 200_000)
+    with pytest.raises(
+        ValueError, match=r"examples\[1\]: the planner's prompt \+ gen_length is \d+ tokens, more "
+    ):
+        train_projector(task.planner, task.executor, [task.train[0], (long_question, "red")], **kw)
+    long_answer = " ".join(
+        [task.train[0]["answer"]] * (task.executor.model.config.max_position_embeddings + 1)
+    )
+    with pytest.raises(ValueError, match=r"examples\[0\]: the executor's prompt \+ \d+ latents \+ answer is"):
+        train_projector(task.planner, task.executor, [(question, long_answer)], **kw)
+
+
 def test_read_examples(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"question": "a?", "answer": "b"}\n\n{"question": "c?", "answer": "d", "id": 3}\n')

@@ -270,6 +270,28 @@ def _save_checkpoint(root: Path, step: int, projector, optimizer, state: dict, k
     return path
 
 
+def check_lengths_fit(planner, e_model, questions, prompts, answers, p_tok, templates, planner_kwargs):
+    """Refuse an example whose sequence would not fit a model's ``max_position_embeddings``
+    before any latent is computed: the planner's prompt + ``gen_length``, and the executor's
+    prompt + latents + answer (``prompts``/``answers``: the executor's token ids)."""
+    gen_length = int(planner_kwargs["gen_length"])
+    p_max = model_of(planner).config.max_position_embeddings
+    e_max = e_model.config.max_position_embeddings
+    for i, q in enumerate(questions):
+        planned = len(encode(p_tok, templates.planner.format(question=q), special=True)) + gen_length
+        if planned > p_max:
+            raise ValueError(
+                f"{WHERE}: examples[{i}]: the planner's prompt + gen_length is {planned} tokens, more "
+                f"than its max_position_embeddings {p_max}"
+            )
+        answered = len(prompts[i]) + gen_length + len(answers[i])
+        if answered > e_max:
+            raise ValueError(
+                f"{WHERE}: examples[{i}]: the executor's prompt + {gen_length} latents + answer is "
+                f"{answered} tokens, more than its max_position_embeddings {e_max}"
+            )
+
+
 def train_projector(
     planner,
     executor,
@@ -355,6 +377,13 @@ def train_projector(
     check_projector_fits(WHERE, projector, planner, executor)
 
     questions = [q for q, _ in pairs]
+    prompts = [encode(e_tok, templates.latent.format(question=q), special=True) for q in questions]
+    eos = [] if e_tok.eos_token_id is None else [int(e_tok.eos_token_id)]
+    answers = [encode(e_tok, " " + a.strip(), special=False) + eos for _, a in pairs]
+    for i, a in enumerate(answers):
+        if not a:
+            raise ValueError(f"{WHERE}: examples[{i}] has an empty answer and the tokenizer has no EOS")
+    check_lengths_fit(planner, e_model, questions, prompts, answers, p_tok, templates, planner_kwargs)
     fingerprint = _fingerprint(planner, questions, templates, planner_kwargs)
     latents = _cached_latents(
         root / LATENTS_FILE if root is not None else None,
@@ -368,12 +397,6 @@ def train_projector(
             **planner_kwargs,
         ),
     )
-    prompts = [encode(e_tok, templates.latent.format(question=q), special=True) for q in questions]
-    eos = [] if e_tok.eos_token_id is None else [int(e_tok.eos_token_id)]
-    answers = [encode(e_tok, " " + a.strip(), special=False) + eos for _, a in pairs]
-    for i, a in enumerate(answers):
-        if not a:
-            raise ValueError(f"{WHERE}: examples[{i}] has an empty answer and the tokenizer has no EOS")
 
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     state = {"seed": seed, "batch_size": batch_size, "num_examples": len(pairs), "latents": fingerprint}
