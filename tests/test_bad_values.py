@@ -5,7 +5,7 @@ and attention_mask values other than 0/1 in ``ARExecutor.generate`` (the planner
 import pytest
 import torch
 
-from hybridkernels import ops
+from hybridkernels import _cuda, ops
 from hybridkernels.models import ARExecutor, Transformer, TransformerConfig
 
 META = torch.device("meta")
@@ -93,3 +93,30 @@ def test_executor_refuses_meta_inputs(executor):
         executor.generate(ids, torch.ones(2, 4, dtype=torch.long, device=META), max_new_tokens=2)
     with pytest.raises(ValueError, match="prefix_embeds is on meta"):
         executor.generate(ids, prefix_embeds=torch.empty(2, 3, 32, device=META), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+@pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+def test_kv_append_refuses_self_overlapping_caches(backend, which):
+    if backend == "cuda" and not _cuda.available():
+        pytest.skip(f"_C not importable: {_cuda.IMPORT_ERROR}")
+    caches = {"k_cache": torch.zeros(2, 8, 2, 16), "v_cache": torch.zeros(2, 8, 2, 16)}
+    caches[which] = torch.zeros(1, 8, 2, 16).expand(2, 8, 2, 16)  # both rows one memory
+    new = torch.randn(2, 1, 2, 16)
+    with pytest.raises(ValueError, match=rf"kv_append: {which} .* share memory .*expand"):
+        ops.kv_append(caches["k_cache"], caches["v_cache"], new, new, torch.tensor([0, 3]), backend=backend)
+
+
+def test_kv_append_takes_caches_sliced_with_gaps():
+    wide = torch.zeros(2, 8, 5, 16)
+    kc, vc = wide[:, :, 0:2], wide[:, :, 3:5]  # k and v of a fused [B, L, 2H+1, D] buffer
+    new = torch.randn(2, 1, 2, 16)
+    ops.kv_append(kc, vc, new, new + 1, torch.tensor([0, 3]), backend="reference")
+    assert torch.equal(kc[0, 0], new[0, 0]) and torch.equal(vc[1, 3], new[1, 0] + 1)
+    assert wide[:, :, 2].abs().sum() == 0
+
+
+def test_unmask_step_refuses_self_overlapping_x():
+    x = torch.full((1, 6), 7).expand(3, 6)
+    with pytest.raises(ValueError, match=r"unmask_step: x .* share memory"):
+        ops.unmask_step(x, logits=torch.randn(3, 6, 8), mask_id=7, num_transfer=1)

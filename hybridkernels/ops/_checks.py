@@ -34,6 +34,7 @@ __all__ = [
     "HEAD_DIMS",
     "INDEX_DTYPES",
     "check_has_data",
+    "check_no_self_overlap",
     "check_head_dim",
     "head_dim_reason",
     "check_op_int",
@@ -69,6 +70,22 @@ def check_has_data(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(
             f"{op}: {name} is on meta (a tensor without data); {op} reads values: give cpu or cuda tensors"
         )
+
+
+def check_no_self_overlap(op: str, name: str, t: torch.Tensor) -> None:
+    """``t``, written in place, has no two elements at one address (an ``expand``-ed tensor does:
+    its writes would race and overwrite each other). Conservative: a layout whose strides do not
+    nest is refused too; slices with gaps are fine."""
+    extent = 0
+    dims = sorted((abs(stride), size) for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1)
+    for stride, size in dims:
+        if stride <= extent:
+            raise ValueError(
+                f"{op}: {name} (shape {tuple(t.shape)}, strides {t.stride()}) has elements that share "
+                f"memory (an expand()-ed or overlapping view); {op} writes it in place: pass "
+                f"{name}.contiguous() or a tensor of its own"
+            )
+        extent += (size - 1) * stride
 
 
 def check_op_int(op: str, name: str, value, *, low: int | None = None, high: int | None = None) -> int:
@@ -199,6 +216,7 @@ def check_unmask_args(
     always made them; returns the normalised arguments."""
     check_tensor(op, "x", x, ndim=2, dtypes=(torch.int64,))
     check_has_data(op, "x", x)
+    check_no_self_overlap(op, "x", x)
     L = x.shape[1]
     Lr, V = _unmask_scores_shape(op, x, logits, hidden, lm_head)
     if Lr == 0 or V == 0:

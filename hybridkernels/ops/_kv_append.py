@@ -9,6 +9,7 @@ from ._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_has_data,
+    check_no_self_overlap,
     check_same_dtype,
     check_shape,
     check_tensor,
@@ -69,6 +70,8 @@ def kv_append(
     check_tensor(OP, "v_new", v_new, ndim=4, dtypes=FLOAT_DTYPES, device=dev)
     check_tensor(OP, "positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=dev)
     check_same_dtype(OP, "k_cache", k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+    check_no_self_overlap(OP, "k_cache", k_cache)
+    check_no_self_overlap(OP, "v_cache", v_cache)
     B, Lmax, H, D = k_cache.shape
     check_shape(OP, "v_cache", v_cache, k_cache.shape, "k_cache.shape")
     T = k_new.shape[1]
