@@ -335,12 +335,14 @@ class DiffusionPlanner:
             generator=generator,
             backend=self.backend,
         )
+        # A tensor-parallel model (hybridkernels.distributed) splits the vocabulary across ranks.
+        unmask = getattr(model, "unmask_step", ops.unmask_step)
         if key.remasking == "low_confidence":
-            committed = ops.unmask_step(window, deferred_token_ids=key.deferred, **rule, **op_kw).committed
+            committed = unmask(window, deferred_token_ids=key.deferred, **rule, **op_kw).committed
         else:
             # The op proposes the candidates (committing nothing); the ranks are LLaDA's uniform
             # draw over the whole [B, L] sequence, from the same generator in the same order.
-            tokens = ops.unmask_step(window, num_transfer=ws.no_transfer, **op_kw).tokens
+            tokens = unmask(window, num_transfer=ws.no_transfer, **op_kw).tokens
             draw = torch.rand(x.shape, generator=generator, device=x.device).index_select(1, slots)
             committable = window == self.mask_id
             blocked = ~committable
