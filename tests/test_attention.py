@@ -307,3 +307,121 @@ def test_triton_ignores_non_finite_values_at_masked_key_slots(device, causal, nu
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-3)
     _assert_lse_close(lse, ref_lse, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ block-causal
+
+
+def _block_causal_explicit(q, k, v, mask, b):
+    """The block-diffusion mask written out densely (SDAR's ``block_diffusion_attention_mask``,
+    Fast-dLLM v2's ``eval_block_diff_mask``): absolute query position ``p = i + Lk - Lq`` sees
+    key ``j`` iff ``j // b <= p // b``; through SDPA in float64, all-masked rows -> 0."""
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    p = torch.arange(Lq)[:, None] + (Lk - Lq)
+    visible = (torch.arange(Lk)[None, :] // b <= p // b)[None, None].expand(B, 1, Lq, Lk)
+    if mask is not None:
+        visible = visible & mask[:, None, None, :].cpu()
+    seen = visible.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        q.cpu().transpose(1, 2).double(),
+        k.cpu().repeat_interleave(Hq // Hkv, 2).transpose(1, 2).double(),
+        v.cpu().repeat_interleave(Hq // Hkv, 2).transpose(1, 2).double(),
+        attn_mask=visible | ~seen,
+    )
+    return (out * seen).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "B, Lq, Lk, Hq, Hkv, D, b, mask",
+    [
+        (2, 13, 13, 4, 2, 32, 4, None),
+        (2, 5, 37, 4, 1, 64, 8, "left"),
+        (1, 9, 9, 2, 2, 32, 1, None),
+        (3, 7, 7, 2, 1, 32, 64, "random"),
+    ],
+)
+def test_reference_block_causal_matches_dense_mask(B, Lq, Lk, Hq, Hkv, D, b, mask):
+    q, k, v = _inputs(B, Lq, Lk, Hq, Hkv, D)
+    m = _padding_mask(mask, B, Lk)
+    out = reference.bidirectional_attention(q, k, v, key_padding_mask=m, block_causal=b)
+    torch.testing.assert_close(out.double(), _block_causal_explicit(q, k, v, m, b), atol=1e-5, rtol=1e-5)
+    if b == 1:  # block size 1 is token causal
+        causal = reference.bidirectional_attention(q, k, v, key_padding_mask=m, causal=True)
+        torch.testing.assert_close(out, causal)
+
+
+BLOCK_CASES = [
+    # B, Lq, Lk, Hq, Hkv, D, block, mask, num_splits: odd lengths, GQA, padding, blocks that do
+    # (16, 32, 64) and do not (5, 7, 48) divide the interpreter's 32-key tiles, split keys.
+    (2, 37, 37, 4, 2, 32, 5, None, None),
+    (2, 70, 70, 4, 1, 64, 32, "left", None),
+    (1, 45, 45, 2, 2, 32, 64, None, None),
+    (2, 8, 45, 4, 2, 64, 8, "random", None),  # one block of queries over a cache + itself
+    (2, 16, 300, 2, 1, 32, 16, "left", 3),
+    (1, 24, 131, 3, 1, 32, 48, None, 2),
+    (3, 7, 7, 4, 4, 32, 7, "left", None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B, Lq, Lk, Hq, Hkv, D, block, mask, num_splits", BLOCK_CASES)
+def test_triton_block_causal_matches_reference(device, dtype, B, Lq, Lk, Hq, Hkv, D, block, mask, num_splits):
+    _skip_if_no_triton(device)
+    from hybridkernels.triton.attention import flash_attention
+
+    q, k, v = _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, device, seed=block)
+    m = _padding_mask(mask, B, Lk, device)
+    kwargs = dict(key_padding_mask=m, block_causal=block, return_lse=True)
+    out, lse = flash_attention(q, k, v, num_splits=num_splits, **kwargs)
+    ref_out, ref_lse = reference.bidirectional_attention(q, k, v, **kwargs)
+    assert out.shape == q.shape and out.dtype == dtype and not out.isnan().any()
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=1e-3)
+    _assert_lse_close(lse, ref_lse, atol=1e-4)
+
+
+def test_block_causal_tile_skipping_never_reads_invisible_keys(device):
+    """Keys 64..95 hold NaN: queries 0..63 (blocks of 16) never see them, and their programs must
+    not even visit those key tiles (a visited tile would bring NaN in through ``p @ V``)."""
+    _skip_if_no_triton(device)
+    q, k, v = _inputs(1, 96, 96, 2, 1, 32, torch.float32, device, seed=3)
+    k[:, 64:], v[:, 64:] = float("nan"), float("nan")
+    out = bidirectional_attention(q, k, v, block_causal=16, backend="triton")
+    ref = reference.bidirectional_attention(q[:, :64], k[:, :64], v[:, :64], block_causal=16)
+    torch.testing.assert_close(out[:, :64], ref, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_causal=0), "block_causal must be None or a block size >= 1"),
+        (dict(block_causal=2.5), "block_causal must be None or a block size >= 1"),
+        (dict(block_causal=True), "block_causal must be None or a block size >= 1"),
+        (dict(block_causal=4, causal=True), "give causal=True or block_causal, not both"),
+    ],
+)
+def test_block_causal_bad_inputs(kwargs, match):
+    q, k, v = _inputs(1, 4, 4, 2, 1, 32)
+    with pytest.raises(ValueError, match=match):
+        bidirectional_attention(q, k, v, backend="reference", **kwargs)
+
+
+def test_block_causal_sdpa_path_matches_reference():
+    """The differentiable path (autograd recording) builds the block mask for SDPA."""
+    from hybridkernels.ops._attention import sdpa_attention
+
+    q, k, v = _inputs(2, 6, 19, 4, 2, 32)
+    m = _padding_mask("left", 2, 19)
+    out = sdpa_attention(q, k, v, key_padding_mask=m, block_causal=4)
+    ref = reference.bidirectional_attention(q, k, v, key_padding_mask=m, block_causal=4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the interpreter")
+@pytest.mark.parametrize("Lq, Lk, block", [(300, 300, 32), (32, 2000, 32), (100, 100, 24)])
+def test_triton_block_causal_bf16_cuda(Lq, Lk, block):
+    q, k, v = _inputs(2, Lq, Lk, 8, 2, 128, torch.bfloat16, "cuda")
+    out = bidirectional_attention(q, k, v, block_causal=block, backend="triton")
+    ref = reference.bidirectional_attention(q, k, v, block_causal=block)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

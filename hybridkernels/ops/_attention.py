@@ -36,14 +36,23 @@ def sdpa_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
+    block_causal: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ):
     """Differentiable path (same contract): ``torch.nn.functional.scaled_dot_product_attention``,
-    or the reference op when the log-sum-exp is asked for (SDPA does not return it)."""
+    or the reference op when the log-sum-exp is asked for (SDPA does not return it). SDPA takes
+    no block-causal mode: ``block_causal`` builds its ``[Lq, Lk]`` bool mask (this path only)."""
     if return_lse:
         return reference.bidirectional_attention(
-            q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, return_lse=True
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            block_causal=block_causal,
+            scale=scale,
+            return_lse=True,
         )
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
@@ -51,7 +60,11 @@ def sdpa_attention(
         k = k[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
         v = v[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
     visible = None
-    if causal and (Lq != Lk or key_padding_mask is not None):
+    if block_causal is not None:
+        qi = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+        kj = torch.arange(Lk, device=q.device)[None, :]
+        visible = (kj // block_causal <= qi // block_causal)[None, None]
+    elif causal and (Lq != Lk or key_padding_mask is not None):
         qi = torch.arange(Lq, device=q.device)[:, None]
         visible = (torch.arange(Lk, device=q.device)[None, :] <= qi + (Lk - Lq))[None, None]
     if key_padding_mask is not None:
@@ -66,7 +79,7 @@ def sdpa_attention(
         k.transpose(1, 2),
         v.transpose(1, 2),
         attn_mask=visible,
-        is_causal=causal and visible is None,
+        is_causal=causal and block_causal is None and visible is None,
         scale=scale,
     )
     if seen is not None:
@@ -89,6 +102,7 @@ def attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
+    block_causal: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
@@ -108,6 +122,14 @@ def attention(
             head dims run the reference (torch SDPA on a GPU) with a one-time warning.
         key_padding_mask: optional bool ``[B, Lk]``, True = attend (left-padded batches).
         causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (queries aligned to the end).
+        block_causal: block size ``b`` of block-diffusion attention (SDAR, Fast-dLLM v2): keys
+            are cut into blocks of ``b`` from key 0; query ``i``, at key position
+            ``p = i + Lk - Lq`` (aligned to the end, as ``causal``), sees the keys ``j`` with
+            ``j // b <= p // b``: causal across blocks, bidirectional inside one. No mask tensor
+            is built (the Triton kernel skips the key tiles no row of a program sees). A prompt
+            is blocks like the rest (both models prefill it that way). With left-padded rows the
+            grid is by key index, not by each row's positions: align the rows first. Not with
+            ``causal=True`` (``block_causal=1`` is causal).
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` float32, to merge partial
             attentions. Query rows that see no key give output 0 and lse ``-inf``.
@@ -137,6 +159,7 @@ def attention(
         check_tensor(OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,), device=q.device)
         check_shape(OP, "key_padding_mask", key_padding_mask, (B, Lk), "[B, Lk]")
     check_scale(OP, scale)
+    block_causal = _check_block_causal(block_causal, causal)
 
     triton_reason = head_dim_reason("the Triton attention kernels", D, HEAD_DIMS)
     name, fallback = DISPATCH.resolve(backend, q.device, {"triton": triton_reason})
@@ -153,9 +176,21 @@ def attention(
         v,
         key_padding_mask=key_padding_mask,
         causal=causal,
+        block_causal=block_causal,
         scale=scale,
         return_lse=return_lse,
     )
+
+
+def _check_block_causal(block_causal, causal) -> int | None:
+    """``block_causal`` is None or an int >= 1, and not combined with ``causal=True``."""
+    if block_causal is None:
+        return None
+    if isinstance(block_causal, bool) or not isinstance(block_causal, int) or block_causal < 1:
+        raise ValueError(f"{OP}: block_causal must be None or a block size >= 1, got {block_causal!r}")
+    if causal:
+        raise ValueError(f"{OP}: give causal=True or block_causal, not both (block_causal=1 is causal)")
+    return int(block_causal)
 
 
 bidirectional_attention = attention  # the former name

@@ -23,6 +23,7 @@ def bidirectional_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
+    block_causal: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ):
@@ -30,8 +31,13 @@ def bidirectional_attention(
 
     q ``[B, Lq, Hq, D]``, k/v ``[B, Lk, Hkv, D]`` with ``Hq % Hkv == 0`` and ``Lq <= Lk``;
     ``key_padding_mask`` bool ``[B, Lk]``, True = attend. With ``causal=True`` query ``i``
-    sees keys ``j <= i + Lk - Lq``. A query row that sees no key gets output 0 and
-    log-sum-exp ``-inf``.
+    sees keys ``j <= i + Lk - Lq``. With ``block_causal=b`` (block diffusion: SDAR, Fast-dLLM v2)
+    the keys are cut into blocks of ``b`` from key 0 and query ``i`` (at key position
+    ``p = i + Lk - Lq``) sees every key of its own block and of the blocks before it:
+    ``j // b <= p // b``. The prompt is no special region: it is blocks like the generation, as
+    both models' samplers prefill it (block-causal over the first ``P // b * b`` tokens, its tail
+    in the first generated block). A query row that sees no key gets output 0 and log-sum-exp
+    ``-inf``.
 
     Returns ``out [B, Lq, Hq, D]`` in q's dtype, and with ``return_lse`` also
     ``lse [B, Hq, Lq]`` float32 (natural log of the sum of ``exp(scale * q.k)``).
@@ -49,10 +55,13 @@ def bidirectional_attention(
         # Padded slots may hold anything (an uninitialised cache: NaN); 0 * NaN would leak.
         kf = kf.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
         vf = vf.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
-    if causal:
-        qi = torch.arange(Lq, device=q.device)[:, None]
+    if causal or block_causal is not None:
+        qi = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
         kj = torch.arange(Lk, device=q.device)[None, :]
-        visible = visible & (kj <= qi + (Lk - Lq))
+        if block_causal is not None:
+            visible = visible & (kj // block_causal <= qi // block_causal)
+        else:
+            visible = visible & (kj <= qi)
     scores = scores.masked_fill(~visible, float("-inf"))
 
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, Lq]; -inf where nothing is visible

@@ -35,13 +35,12 @@ def _attend_tiles(
     stride_kl,
     stride_vl,
     stride_ml,
-    qi,
+    row_lim,
     offs_d,
     d_ok,
     lo,
     hi,
     Lk,
-    causal_shift,
     qk_scale,
     HAS_MASK: tl.constexpr,
     EDGE: tl.constexpr,
@@ -51,7 +50,8 @@ def _attend_tiles(
     BLOCK_N: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) with key tiles [lo, hi). ``EDGE``: the tiles may
-    cross the end of the keys or the causal diagonal, so they are masked per element."""
+    cross the end of the keys or a row's causal limit ``row_lim`` (keys ``j < row_lim[r]`` are
+    visible to row ``r``), so they are masked per element."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -72,7 +72,7 @@ def _attend_tiles(
             if EDGE:
                 visible = n_ok[None, :]
                 if CAUSAL:
-                    visible = visible & (offs_n[None, :] <= qi[:, None] + causal_shift)
+                    visible = visible & (offs_n[None, :] < row_lim[:, None])
             else:
                 visible = tl.full([1, BLOCK_N], 1, tl.int1)
             if HAS_MASK:
@@ -115,9 +115,12 @@ def _attend_tiles(
 #
 # GQA: the G = Hq // Hkv query heads that share a kv head are packed into the rows of one program
 # (row r = query r // G of head hkv * G + r % G), so each K/V tile is loaded once per group. The
-# key padding mask is read per key tile. causal=True: query i sees keys j <= i + Lk - Lq; tiles
-# that no row of a program can see are never visited, and only the tiles that cross the diagonal
-# or the end of the keys pay for masking. A row that sees no key gets output 0 and lse -inf.
+# key padding mask is read per key tile. Causal masks, CAUSAL=True with a runtime block size cb:
+# query i, at key position p = i + Lk - Lq, sees keys j < (p // cb + 1) * cb, i.e. j <= p for
+# cb = 1 (causal=True) and the keys of its own block and the blocks before it for cb = b
+# (block_causal=b: block diffusion). One row limit per row, computed once per program; tiles that
+# no row of a program can see are never visited, and only the tiles that cross a row's limit or
+# the end of the keys pay for masking. A row that sees no key gets output 0 and lse -inf.
 #
 # Hopper: on sm_90 the 16-bit tl.dot s (BLOCK_M >= 64) lower to wgmma and the K/V loads are
 # software-pipelined with cp.async. No TMA descriptors or warp specialisation: the packed GQA rows
@@ -155,6 +158,7 @@ def _attn_fwd_kernel(
     Lk,
     Hkv,
     GROUP,
+    causal_block,
     split_size,
     sm_scale,
     ROWS_CLASS,
@@ -198,11 +202,13 @@ def _attn_fwd_kernel(
     hi = tl.minimum(lo + split_size, Lk)
     full = hi
     causal_shift = Lk - Lq
+    # Exclusive key limit of each row (rows past Lq clamp to the last query: they store nothing).
+    row_lim = ((tl.minimum(qi, Lq - 1) + causal_shift) // causal_block + 1) * causal_block
     if CAUSAL:
         q_first = (pid_m * BLOCK_M) // GROUP
         q_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, Lq - 1)
-        hi = tl.minimum(hi, q_last + causal_shift + 1)
-        full = tl.minimum(hi, q_first + causal_shift + 1)
+        hi = tl.minimum(hi, ((q_last + causal_shift) // causal_block + 1) * causal_block)
+        full = tl.minimum(hi, ((q_first + causal_shift) // causal_block + 1) * causal_block)
     mid = lo + tl.maximum(full - lo, 0) // BLOCK_N * BLOCK_N
 
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
@@ -210,13 +216,13 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kl, stride_vl, stride_ml, qi, offs_d, d_ok,
-        lo, mid, Lk, causal_shift, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kl, stride_vl, stride_ml, row_lim, offs_d,
+        d_ok, lo, mid, Lk, qk_scale,
         HAS_MASK, False, CAUSAL, EVEN_D, PRECISION, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kl, stride_vl, stride_ml, qi, offs_d, d_ok,
-        mid, hi, Lk, causal_shift, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kl, stride_vl, stride_ml, row_lim, offs_d,
+        d_ok, mid, hi, Lk, qk_scale,
         HAS_MASK, True, CAUSAL, EVEN_D, PRECISION, BLOCK_N,
     )  # fmt: skip
 
@@ -363,6 +369,7 @@ def flash_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     causal: bool = False,
+    block_causal: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     num_splits: int | None = None,
@@ -413,13 +420,13 @@ def flash_attention(
     args = (
         q, k, v, mask, k_out, k_lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *m_strides, *o_strides, *l_strides,
-        Lq, Lk, Hkv, group, split_size, scale,
+        Lq, Lk, Hkv, group, 1 if block_causal is None else int(block_causal), split_size, scale,
         _length_class(rows), _length_class(min(split_size, Lk)),
     )  # fmt: skip
     meta = dict(
         HEAD_DIM=D,
         BLOCK_D=triton.next_power_of_2(D),
-        CAUSAL=bool(causal),
+        CAUSAL=bool(causal) or block_causal is not None,
         HAS_MASK=key_padding_mask is not None,
         PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
     )
