@@ -301,3 +301,86 @@ def decode_attention_out(
     _decode_attention_out_op(
         q, k_cache, v_cache, cache_lens, k_prefix, v_prefix, prefix_len, out, lse, scale, num_splits
     )
+
+
+class StaticDecodeKernels:
+    """``kv_append`` + ``decode_attention`` of one fixed decode configuration, calling ``_C``
+    straight from Python: the CPU eager path of the executor's decode step.
+
+    The custom ops above cost tens of microseconds a call in dispatch (``torch.library``,
+    argument conversion, a fresh output and workspace); a decode step of a small model calls them
+    twice per layer. Here everything that does not change between steps is converted once: the
+    caches' per-layer pointers, shapes and strides, the int32 ``append_at`` / ``cache_lens``
+    pointers, the prefix, the split count, and one preallocated ``out [B, Hq, D]`` per layer.
+    Inputs are not validated (:func:`hybridkernels.ops.decode_attention` has checked nothing:
+    the caller guarantees, by construction, what it would check); ``_C`` still checks sizes and
+    lengths and raises instead of reading out of bounds.
+
+    Args:
+        k_cache, v_cache: contiguous ``[num_layers, B, Lmax, Hkv, D]`` (``D`` in {64, 128}).
+        append_at, cache_lens: contiguous int32 ``[B]``, updated in place by the caller.
+        num_heads: ``Hq`` (a multiple of ``Hkv``).
+        prefix: optional ``(k, v, prefix_len)`` with contiguous ``[num_layers, 1, Lp, Hkv, D]``
+            tensors (every row attends the first ``prefix_len`` of them first).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+    """
+
+    def __init__(self, k_cache, v_cache, append_at, cache_lens, *, num_heads, prefix=None, scale=None):
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("append_at", append_at),
+                        ("cache_lens", cache_lens)):  # fmt: skip
+            if not t.is_contiguous():
+                raise ValueError(f"StaticDecodeKernels: {name} must be contiguous")
+        if append_at.dtype != torch.int32 or cache_lens.dtype != torch.int32:
+            raise TypeError("StaticDecodeKernels: append_at and cache_lens must be int32")
+        layers, B, Lmax, Hkv, D = k_cache.shape
+        self._keep = (k_cache, v_cache, append_at, cache_lens, prefix)  # the pointers' owners
+        self.device, self.stream = _device_and_stream(k_cache)
+        self.dtype = DTYPE_CODES[k_cache.dtype]
+        self.cache_shape = [B, Lmax, Hkv, D]
+        self.cache_strides = list(k_cache.stride()[1:])
+        layer_bytes = k_cache.stride(0) * k_cache.element_size()
+        self.k_ptrs = [k_cache.data_ptr() + i * layer_bytes for i in range(layers)]
+        self.v_ptrs = [v_cache.data_ptr() + i * layer_bytes for i in range(layers)]
+        self.append_at, self.cache_lens = append_at.data_ptr(), cache_lens.data_ptr()
+        self.q_shape = [B, num_heads, D]
+        self.scale = float(D**-0.5 if scale is None else scale)
+        self.prefix_len, self.prefix_shape, self.prefix_strides = 0, [], []
+        self.kp_ptrs = self.vp_ptrs = [0] * layers
+        if prefix is not None and prefix[2] > 0:
+            kp, vp, self.prefix_len = prefix[0], prefix[1], int(prefix[2])
+            if not (kp.is_contiguous() and vp.is_contiguous()):
+                raise ValueError("StaticDecodeKernels: the prefix caches must be contiguous")
+            self.prefix_shape = list(kp.shape[2:])
+            self.prefix_strides = list(kp.stride()[2:])
+            p_bytes = kp.stride(0) * kp.element_size()
+            self.kp_ptrs = [kp.data_ptr() + i * p_bytes for i in range(layers)]
+            self.vp_ptrs = [vp.data_ptr() + i * p_bytes for i in range(layers)]
+        self.splits, ws_floats = _C.decode_plan(
+            self.q_shape, self.cache_shape, self.prefix_len, self.dtype, 0, self.device
+        )
+        self.workspace = torch.empty(max(ws_floats, 1), dtype=torch.float32, device=k_cache.device)
+        self.ws_floats = ws_floats
+        self.out = torch.empty(layers, B, num_heads, D, dtype=k_cache.dtype, device=k_cache.device)
+        self.lse = torch.empty(B, num_heads, dtype=torch.float32, device=k_cache.device)
+        self.out_strides = list(self.out.stride()[1:])
+        self.out_ptrs = [self.out[i].data_ptr() for i in range(layers)]
+        self.lse_strides = list(self.lse.stride())
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append ``k``/``v [B, 1, Hkv, D]`` at ``append_at`` of layer ``layer``'s cache, attend
+        ``q [B, 1, Hq, D]`` (head dim contiguous) over each row's first ``cache_lens`` slots;
+        returns layer ``layer``'s static ``out [B, Hq, D]`` (valid until the next step)."""
+        kc, vc = self.k_ptrs[layer], self.v_ptrs[layer]
+        strides = self.cache_strides
+        _C.kv_append(kc, vc, k.data_ptr(), v.data_ptr(), self.append_at, self.cache_shape, 1,
+                     strides, strides, list(k.stride()), list(v.stride()), self.dtype, 3, self.device,
+                     self.stream)  # fmt: skip
+        qs = q.stride()
+        _C.decode_attention(
+            q.data_ptr(), kc, vc, self.cache_lens, self.kp_ptrs[layer], self.vp_ptrs[layer],
+            self.out_ptrs[layer], self.lse.data_ptr(), self.workspace.data_ptr(), self.ws_floats,
+            self.q_shape, self.cache_shape, self.prefix_shape, self.prefix_len, [qs[0], qs[2], qs[3]],
+            strides, strides, self.prefix_strides, self.prefix_strides, self.out_strides,
+            self.lse_strides, self.scale, self.dtype, 3, self.splits, self.device, self.stream,
+        )  # fmt: skip
+        return self.out[layer]

@@ -129,6 +129,58 @@ def test_decode_runs_through_the_compiled_extension(llama, monkeypatch):
     assert torch.equal(out.tokens, hf_greedy(hf, ids, mask, max_new_tokens=4))
 
 
+class _CountingC:
+    """Stands in for ``hybridkernels._C``: counts kv_append / decode_attention calls."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, {"decode_attention": 0, "kv_append": 0}
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name not in self.calls:
+            return fn
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["rows", "shared-prefix"])
+def test_cpu_decode_steps_call_the_extension_directly(llama, monkeypatch, shared):
+    """On the CPU the decode steps call ``_C`` straight (StaticDecodeKernels: no op dispatch),
+    once per layer and step for each kernel, and give HF's tokens; with the shared prompt
+    prefix (num_samples > 1 of one row) too. The prefill still goes through ops.kv_append."""
+    if not _cuda.available():
+        pytest.skip(f"_C not importable: {_cuda.IMPORT_ERROR}")
+    hf, ex = llama
+    counting = _CountingC(_cuda._C)
+    monkeypatch.setattr(_cuda, "_C", counting)
+    layers = hf.config.num_hidden_layers
+    if shared:
+        ids, mask = prompts(B=1, pads=(2,))
+        out = ex.generate(ids, mask, max_new_tokens=4, num_samples=3)
+        assert out.stats.shared_prefix
+        assert torch.equal(out.tokens, hf_greedy(hf, ids, mask, max_new_tokens=4).repeat(3, 1))
+    else:
+        ids, mask = prompts(B=2, pads=(0, 2))
+        out = ex.generate(ids, mask, max_new_tokens=4)
+        assert torch.equal(out.tokens, hf_greedy(hf, ids, mask, max_new_tokens=4))
+    assert counting.calls == {"decode_attention": 3 * layers, "kv_append": 4 * layers}
+    state = next(reversed(ex._states.values()))
+    assert state.hook._direct is not None
+
+
+def test_decode_backend_reference_skips_the_direct_path(llama):
+    hf, _ = llama
+    ex = ARExecutor.from_hf(hf, decode_backend="reference")
+    ids, mask = prompts(B=2, pads=(0, 2))
+    out = ex.generate(ids, mask, max_new_tokens=4)
+    assert next(iter(ex._states.values())).hook._direct is None
+    assert torch.equal(out.tokens, hf_greedy(hf, ids, mask, max_new_tokens=4))
+
+
 def test_reference_backend_and_head_dim_outside_the_kernels():
     hf = hf_model(head_dim=32)  # _C decodes D in {64, 128}: auto falls back to the reference op
     ids, mask = prompts()

@@ -483,3 +483,82 @@ def test_llada_config_rejects_a_hostile_layer_count():
     }
     with pytest.raises(ValueError, match="num_layers"):
         TransformerConfig.from_dict(d)
+
+
+def _views_of_one_tensor(model):
+    """Per layer: q/k/v_proj (and gate/up_proj) weights share one storage, rows in order."""
+    ok = []
+    for block in model.layers:
+        a, m = block.self_attn, block.mlp
+        for group in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
+            base = group[0].weight
+            row_bytes = base.shape[1] * base.element_size()
+            offsets = [lin.weight.data_ptr() - base.data_ptr() for lin in group]
+            rows = [0] + [sum(lin.weight.shape[0] for lin in group[:i]) for i in range(1, len(group))]
+            ok.append(
+                all(
+                    lin.weight.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                    for lin in group
+                )
+                and offsets == [r * row_bytes for r in rows]
+            )
+    return all(ok)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_projections_give_the_unfused_values_and_keep_names(family):
+    """fuse_projections (q/k/v and gate/up as views of one tensor per layer, one matmul each):
+    the same state_dict (names, values) and bitwise the same logits and K/V as the three / two
+    separate products, with biases (Qwen2), q/k norms (Qwen3), left padding, batch 3."""
+    hf = hf_model(family, attention_bias=family == "llama")
+    plain = Transformer.from_hf(hf, attention_backend="reference")
+    assert not _views_of_one_tensor(plain)  # from_hf shares the HF tensors, unfused
+    fused = Transformer.from_hf(hf, attention_backend="reference", dtype=torch.float32)
+    fused.load_state_dict({n: t.clone() for n, t in plain.state_dict().items()}, assign=True)
+    fused.fuse_projections()
+    assert _views_of_one_tensor(fused)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    for (n, a), b in zip(plain.state_dict().items(), fused.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    ids, mask, pos = left_padded()
+    with torch.no_grad():
+        want = plain(ids, mask, position_ids=pos, return_kv=True)
+        got = fused(ids, mask, position_ids=pos, return_kv=True)
+    assert torch.equal(got.logits, want.logits)
+    for (k1, v1), (k2, v2) in zip(want.kv, got.kv, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_fused_projections_follow_loads_moves_and_training():
+    """A model built from a config is fused; load_state_dict (copy) writes through the views;
+    .to() fuses the moved tensors again; load_state_dict(assign=True) of other tensors, or a
+    forward recording gradients, runs the separate products (and gradients reach every
+    projection parameter)."""
+    config = TransformerConfig.from_dict(SHAPE | {"model_type": "llama"})
+    model = Transformer(config).eval()
+    assert _views_of_one_tensor(model)
+    other = Transformer(config).reset_parameters(generator=torch.Generator().manual_seed(3)).eval()
+    model.load_state_dict(other.state_dict())
+    assert _views_of_one_tensor(model)
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = other(ids).logits
+        assert torch.equal(model(ids).logits, want)
+        q_before = model.layers[0].self_attn.q_proj.weight
+        model.to(torch.float64)
+        assert model.layers[0].self_attn.q_proj.weight is q_before  # same Parameter object
+        assert _views_of_one_tensor(model) and model.dtype == torch.float64
+        model.to(torch.float32)
+        assert torch.equal(model(ids).logits, want)
+    replaced = {n: t.clone() * 1.5 if "proj" in n else t for n, t in other.state_dict().items()}
+    model.load_state_dict(replaced, assign=True)  # views replaced: the separate products run
+    assert not _views_of_one_tensor(model)
+    check = Transformer(config).eval()
+    check.load_state_dict(replaced)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, check(ids).logits)
+    check.train()
+    check(ids).logits.square().mean().backward()  # grad mode: the separate products
+    for name, p in check.named_parameters():
+        if "proj" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -108,6 +108,7 @@ class _DecodeState:
             prefix=self.prefix,
             prefix_len=prefix_len,
             decode_backend=decode_backend,
+            num_heads=cfg.num_heads,
         )
         self.graphs = StepGraphs(dev)
 
@@ -330,6 +331,7 @@ class ARExecutor:
         if steps == 0 or (check_stop and bool(s.finished.all())):
             return 0, 0.0
         use_graph = self._graph_enabled(s)
+        s.hook.prepare()  # the backends of every step, chosen once
         generator = s.generator if s.sampling.temperature else None
         captured_before, i = s.graphs.capture_s, 0
         with skip_value_checks():  # indices are in bounds by construction; checks would sync

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import _cuda, ops
+from ..ops import _decode as ops_decode
+from ..ops import _kv_append as ops_kv_append
 from ..validation import renamed
 
 
@@ -97,7 +99,13 @@ class DecodeHook:
     forward), after a shared ``prefix`` cache of ``prefix_len`` tokens when given (cascade: one
     copy of the prompt serves every row). ``append_at`` / ``cache_lens`` are int32 ``[B]`` device
     buffers the caller updates in place, so the same hook serves every step of a CUDA graph.
-    ``decode_backend`` (formerly ``backend``) goes to both ops."""
+    ``decode_backend`` (formerly ``backend``) goes to both ops.
+
+    :meth:`prepare` (once per generate call) picks the path of the coming steps: on the CPU, when
+    both ops resolve to the ``_C`` extension, the step calls it directly through
+    :class:`hybridkernels._cuda.StaticDecodeKernels` (no per-call dispatch, checks or
+    allocation: the buffers are fixed and valid by construction); otherwise, on CUDA (graphs, the
+    custom ops) and under ``torch.compile``, through the ops."""
 
     def __init__(
         self,
@@ -109,12 +117,58 @@ class DecodeHook:
         prefix_len: int = 0,
         decode_backend: str | None = None,
         backend: str | None = None,
+        num_heads: int | None = None,
     ):
         self.cache, self.append_at, self.cache_lens = cache, append_at, cache_lens
         self.prefix, self.prefix_len = prefix, prefix_len
         self.decode_backend = renamed("DecodeHook", "decode_backend", decode_backend, "backend", backend)
+        self.num_heads = num_heads
+        self._kernels: _cuda.StaticDecodeKernels | None = None
+        self._direct: _cuda.StaticDecodeKernels | None = None
+
+    def prepare(self) -> bool:
+        """Choose the path of the coming steps (the backends resolved once, not per call);
+        returns whether they call ``_C`` directly. Needs ``num_heads`` for the direct path."""
+        self._direct = None
+        k = self.cache.k
+        if k.device.type != "cpu" or self.num_heads is None or not _cuda.available():
+            return False
+        tensors = [k[0], k[0], self.cache.v[0]]
+        if self.prefix is not None and self.prefix_len:
+            tensors += [self.prefix.k[0, 0], self.prefix.v[0, 0]]
+        names = (
+            ops_decode.DISPATCH.choose(
+                self.decode_backend, k.device, {"cuda": ops_decode.compiled_reason(k.shape[-1], tensors)}
+            ),
+            ops_kv_append.DISPATCH.choose(self.decode_backend, k.device),
+        )
+        stock = (
+            ops_decode.IMPLEMENTATIONS.get("cuda") is _cuda.decode_attention
+            and ops_kv_append.IMPLEMENTATIONS.get("cuda") is _cuda.kv_append
+        )
+        if names != ("cuda", "cuda") or not stock:  # another backend, or a swapped implementation
+            return False
+        if self._kernels is None:
+            prefix = None
+            if self.prefix is not None and self.prefix_len:
+                prefix = (self.prefix.k, self.prefix.v, self.prefix_len)
+            self._kernels = _cuda.StaticDecodeKernels(
+                self.cache.k, self.cache.v, self.append_at, self.cache_lens,
+                num_heads=self.num_heads, prefix=prefix,
+            )  # fmt: skip
+        self._direct = self._kernels
+        return True
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        direct = self._direct
+        if (
+            direct is not None
+            and q.stride(-1) == 1
+            and k.stride(-1) == 1
+            and v.stride(-1) == 1
+            and not torch.compiler.is_compiling()
+        ):
+            return direct(layer, q, k, v)[:, None]
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         ops.kv_append(k_cache, v_cache, k, v, self.append_at, backend=self.decode_backend)
         prefix = None

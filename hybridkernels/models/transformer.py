@@ -69,6 +69,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same ops, minus two no-op casts and an allocation
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps)))
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -125,15 +127,42 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, **kw)
         else:
             self.q_norm = self.k_norm = None
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """Make ``q_proj``/``k_proj``/``v_proj``'s weights (and biases) views of one
+        ``[q_size + 2 kv_size, d]`` tensor, so inference runs one matmul instead of three (the
+        parameters keep their names, objects and values; see :meth:`Transformer.fuse_projections`)."""
+        self._qkv = _fuse_linears((self.q_proj, self.k_proj, self.v_proj))
+
+    def _qkv_fused(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused weight and bias while the three projections are still views of them, and
+        gradients are not wanted (the fused product would not reach the parameters); else None."""
+        fused = self._qkv
+        if fused is None or not _still_fused(fused, (self.q_proj, self.k_proj, self.v_proj)):
+            return None
+        return fused
 
     def forward(self, x, cos, sin, *, key_padding_mask, causal, kv_cache, attention_backend):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        fused = self._qkv_fused()
+        if fused is not None:
+            qkv = F.linear(x, *fused).view(B, L, Hq + 2 * Hkv, D)
+            v = qkv[:, :, Hq + Hkv :]
+            if self.q_norm is None:  # RoPE on q and k in one pass over their heads
+                qk = apply_rope(qkv[:, :, : Hq + Hkv], cos, sin)
+                q, k = qk[:, :, :Hq], qk[:, :, Hq:]
+            else:
+                q, k = self.q_norm(qkv[:, :, :Hq]), self.k_norm(qkv[:, :, Hq : Hq + Hkv])
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            q = self.q_proj(x).view(B, L, Hq, D)
+            k = self.k_proj(x).view(B, L, Hkv, D)
+            v = self.v_proj(x).view(B, L, Hkv, D)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             out = kv_cache.attend(self.layer, q, k, v)
         else:
@@ -152,9 +181,64 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+        self._gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """``gate_proj``/``up_proj`` as views of one ``[2 intermediate, d]`` tensor (one matmul)."""
+        self._gate_up = _fuse_linears((self.gate_proj, self.up_proj))
 
     def forward(self, x):
+        fused = self._gate_up
+        if fused is not None and _still_fused(fused, (self.gate_proj, self.up_proj)):
+            gate, up = F.linear(x, *fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Concatenate the weights (and biases) of plain ``nn.Linear`` s sharing an input into one
+    tensor and make each parameter's ``.data`` a view of it (same Parameter objects, values and
+    ``state_dict``). None, changing nothing, when they are not all plain ``nn.Linear`` s of one
+    dtype and device, on the meta device, or mixed with and without bias."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    weights = [m.weight for m in linears]
+    biases = [m.bias for m in linears]
+    first = weights[0]
+    if first.device.type == "meta" or any(
+        w.dtype != first.dtype or w.device != first.device for w in weights
+    ):
+        return None
+    if any(b is None for b in biases) != all(b is None for b in biases):
+        return None
+    with torch.no_grad():
+        fused_w = torch.cat([w.detach() for w in weights])
+        fused_b = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        start = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = fused_w[start : start + n]
+            if fused_b is not None:
+                m.bias.data = fused_b[start : start + n]
+            start += n
+    return fused_w, fused_b
+
+
+def _still_fused(fused, linears) -> bool:
+    """The linears' parameters are still the views :func:`_fuse_linears` made (not replaced by a
+    ``load_state_dict(assign=True)``, a ``.to()``, or a user), and no gradient is being recorded
+    for them (the fused product would bypass the parameters)."""
+    w, b = fused
+    ptr, size = w.data_ptr(), w.element_size() * w.shape[1]
+    row = 0
+    for m in linears:
+        weight = m.weight
+        if weight.data_ptr() != ptr + row * size:
+            return False
+        if b is not None and m.bias.data_ptr() != b.data_ptr() + row * b.element_size():
+            return False
+        row += weight.shape[0]
+    return not (torch.is_grad_enabled() and linears[0].weight.requires_grad)
 
 
 class Block(nn.Module):
@@ -221,8 +305,35 @@ class Transformer(nn.Module):
         )
         self._inv_freq = rope_inv_freq(config)
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
+        self._fused = False
         if torch.device(device or "cpu").type != "meta":
             self.reset_parameters()
+            self.fuse_projections()
+
+    def fuse_projections(self) -> Transformer:
+        """Store each layer's ``q/k/v_proj`` weights as views of one ``[q + 2 kv, d]`` tensor and
+        ``gate/up_proj`` as views of one ``[2 f, d]`` tensor, so that inference runs 2 matmuls per
+        layer instead of 5 (and RoPE one pass over q and k): the same products, the same values.
+
+        Parameter names, objects, values and ``state_dict`` are unchanged (each parameter's
+        ``.data`` becomes a view); done at construction and by :meth:`from_pretrained`, not by
+        :meth:`from_hf` (its weights stay shared with the HF model; call this to fuse them into
+        a copy). Redone after ``.to()`` / ``.half()``; a forward whose projections are no
+        longer views (``load_state_dict(assign=True)``, a parameter replaced) or that records
+        gradients for them runs the separate matmuls. Plain ``nn.Linear`` projections only."""
+        with torch.no_grad():
+            for block in self.layers:
+                block.self_attn.fuse()
+                block.mlp.fuse()
+        self._fused = True
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() give each parameter new data: fuse the new tensors again.
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):
+            self.fuse_projections()
+        return out
 
     # ------------------------------------------------------------------ construction helpers
     @property
@@ -304,6 +415,7 @@ class Transformer(nn.Module):
             device=device or first.device,
             causal=causal,
             attention_backend=attention_backend,
+            fuse=False,  # keep sharing the HF model's tensors
         )
 
     @torch.no_grad()
@@ -471,9 +583,12 @@ def build_model(
     device,
     causal: bool | None = None,
     attention_backend: str | None = None,
+    fuse: bool = True,
 ) -> Transformer:
     """A :class:`Transformer` holding ``state`` (our names, already checked), cast to
-    ``dtype``/``device``. Tensors already in that dtype and device are used without a copy.
+    ``dtype``/``device``. Tensors already in that dtype and device are used without a copy,
+    unless ``fuse`` (:meth:`Transformer.fuse_projections`) copies the projections into one
+    tensor per layer.
 
     The model's dtype (``dtype``, else the embedding's) must be one the ops take: float16,
     bfloat16 or float32 (a float64 checkpoint loads with an explicit ``dtype``)."""
@@ -487,4 +602,6 @@ def build_model(
     model = Transformer(config, device="meta", causal=causal, attention_backend=attention_backend)
     state = {n: t.detach().to(device=device, dtype=dtype) for n, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    if fuse:
+        model.fuse_projections()
     return model.eval()

@@ -30,8 +30,9 @@ IMPLEMENTATIONS, AUTO_ORDER = DISPATCH.implementations, DISPATCH.auto_order
 CUDA_HEAD_DIMS = (64, 128)
 
 
-def _cuda_reason(D: int, tensors: list[torch.Tensor]) -> str | None:
-    """Why the ``_C`` kernels cannot take these inputs (head dim; 16-byte rows on a GPU)."""
+def compiled_reason(D: int, tensors: list[torch.Tensor]) -> str | None:
+    """Why the ``_C`` kernels cannot take these inputs (``tensors``: q, the caches, the prefix;
+    head dim, empty inputs, 16-byte rows on a GPU), or None: the dispatch's ``extra_reasons``."""
     if any(t.numel() == 0 for t in tensors[:3]):
         return "empty batch or cache"
     why = head_dim_reason("the compiled decode kernels", D, CUDA_HEAD_DIMS)
@@ -117,7 +118,7 @@ def decode_attention(
                 f"<= Lmax = {Lmax}" + ("" if prefix_len else " (a row must attend at least one key)")
             )
     tensors = [q, k_cache, v_cache] + ([prefix[0], prefix[1]] if prefix_len else [])
-    name = DISPATCH.choose(backend, dev, {"cuda": _cuda_reason(D, tensors)})
+    name = DISPATCH.choose(backend, dev, {"cuda": compiled_reason(D, tensors)})
     return IMPLEMENTATIONS[name](
         q, k_cache, v_cache, cache_lens, scale=scale, prefix=prefix, return_lse=return_lse
     )
