@@ -4,7 +4,10 @@ GPU (bf16, D = 128), the shapes of issue 5:
   * long: non-causal ``Lq = Lk`` in 1k..16k, batch x heads >= 128 (the planner's full forward);
   * short: ``Lq = 32`` queries over ``Lk`` = 512..8k cached keys, B = 1..64, Hq = 32, Hkv = 8/32
     (a cached denoising step; memory-bound: GB/s against the measured copy bandwidth);
-  * causal prefill ``L`` = 512..8k (the executor).
+  * causal prefill ``L`` = 512..8k (the executor);
+  * block-causal ``block_causal=b`` (SDAR b = 4, Fast-dLLM v2 b = 32) over ``L`` = 2k..16k: the
+    block-diffusion prefill / naive forward; baseline SDPA with the dense ``[L, L]`` block mask
+    the peers build (flash takes no mask: memory-efficient, cuDNN or math).
 The baseline is the fastest SDPA backend (flash, cuDNN, memory-efficient; GQA by ``enable_gqa`` or
 by pre-repeated K/V, whichever is faster) on ``[B, H, L, D]`` tensors prepared outside the timing.
 Both sides are captured in CUDA graphs and timed by replay, so the figures are GPU time, not
@@ -31,14 +34,17 @@ if ON_GPU and QUICK:  # gpu_check.sh: the ends of each range
     LONG = [(max(4, 16384 // L), L, 32, 32) for L in (1024, 4096, 16384)]
     SHORT = [(B, 32, Lk, 32, 8) for B in (1, 64) for Lk in (512, 8192)] + [(8, 32, 2048, 32, 32)]
     CAUSAL = [(8, 2048, 32, 8)]
+    BLOCK_CAUSAL = [(4, 4096, 32, 8, 32)]
 elif ON_GPU:
     LONG = [(max(4, 16384 // L), L, 32, 32) for L in (1024, 2048, 4096, 8192, 16384)]
     SHORT = [(B, 32, Lk, 32, hkv) for hkv in (8, 32) for B in (1, 8, 64) for Lk in (512, 2048, 8192)]
     CAUSAL = [(max(1, 16384 // L), L, 32, 8) for L in (512, 2048, 8192)]
+    BLOCK_CAUSAL = [(max(1, 16384 // L), L, 32, 8, b) for L in (2048, 16384) for b in (4, 32)]
 else:  # the interpreter costs ~1 s per 4x256x64 attention: keep it to a smoke run
     LONG = [(1, 64, 2, 2)]
     SHORT = [(2, 8, 256, 4, 1)]
     CAUSAL = [(1, 48, 2, 1)]
+    BLOCK_CAUSAL = [(1, 80, 2, 1, 16)]
 
 
 def _setup():
@@ -146,3 +152,73 @@ def test_short_over_cache(benchmark, B, Lq, Lk, Hq, Hkv):
 @pytest.mark.parametrize("B, L, Hq, Hkv", CAUSAL, ids=[f"B{b}-L{l}-Hkv{h}" for b, l, _, h in CAUSAL])
 def test_causal_prefill(benchmark, B, L, Hq, Hkv):
     _run(benchmark, B, L, L, Hq, Hkv, True, "causal")
+
+
+def _block_mask(L: int, b: int) -> torch.Tensor:
+    """The dense mask SDAR / Fast-dLLM v2 hand to SDPA: query block >= key block."""
+    blocks = torch.arange(L, device=DEVICE) // b
+    return blocks[:, None] >= blocks[None, :]
+
+
+def _fastest_masked_sdpa(q, k, v, mask):
+    """(name, eager fn, timed fn) of the fastest SDPA backend that takes an explicit mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    rep = q.shape[2] // k.shape[2]
+    kr, vr = kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1)
+    backends = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        backends["cudnn"] = SDPBackend.CUDNN_ATTENTION
+    if not ON_GPU:
+        backends = {"math": SDPBackend.MATH}
+    best, best_ms = None, float("inf")
+    for name, backend in backends.items():
+
+        def fn(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qt, kr, vr, attn_mask=mask)
+
+        try:
+            fn()
+            timed = cuda_graphed(fn, DEVICE) if ON_GPU else fn
+        except RuntimeError:  # backend unsupported for this shape/dtype/GPU
+            continue
+        if not ON_GPU:
+            return f"sdpa-{name}-mask", fn, fn
+        ms = time_ms(timed, DEVICE, reps=5)
+        if ms < best_ms:
+            best, best_ms = (f"sdpa-{name}-mask", fn, timed), ms
+    return best
+
+
+@pytest.mark.parametrize(
+    "B, L, Hq, Hkv, block", BLOCK_CAUSAL, ids=[f"B{b}-L{l}-Hkv{h}-b{bl}" for b, l, _, h, bl in BLOCK_CAUSAL]
+)
+def test_block_causal(benchmark, B, L, Hq, Hkv, block):
+    _setup()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(B, L, Hq, D, device=DEVICE, dtype=DTYPE, generator=g)
+    k = torch.randn(B, L, Hkv, D, device=DEVICE, dtype=DTYPE, generator=g)
+    v = torch.randn(B, L, Hkv, D, device=DEVICE, dtype=DTYPE, generator=g)
+
+    def ours():
+        return bidirectional_attention(q, k, v, block_causal=block, backend="triton")
+
+    name, sdpa, sdpa_timed = _fastest_masked_sdpa(q, k, v, _block_mask(L, block))
+    got = ours()  # also autotunes, before any graph capture
+    tol = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got, sdpa().transpose(1, 2), atol=tol, rtol=tol)
+    full = L // block
+    pairs = block * block * full * (full + 1) // 2 + (L % block) * L  # visible (query, key) pairs
+    compare(
+        benchmark,
+        cuda_graphed(ours, DEVICE),
+        sdpa_timed,
+        flops=4.0 * B * Hq * pairs * D,
+        nbytes=q.element_size() * (2 * q.numel() + k.numel() + v.numel()),
+        baseline_name=name,
+        regime="block_causal",
+        shape=dict(B=B, Lq=L, Lk=L, Hq=Hq, Hkv=Hkv, D=D, dtype=str(DTYPE), block_causal=block),
+        timing="cuda-graph replay" if ON_GPU else "wall clock (interpreter)",
+    )

@@ -163,7 +163,6 @@ def block_diffusion_generate(
         x[r, n : ends[r]] = mask_id
     positions = torch.arange(L, device=device).expand(B, L)
     hook = _FullBlockCausal(b, attention)
-    lm_head = model.lm_head_weight
     done = torch.zeros(B, dtype=torch.bool, device=device)
     passes = total_steps = 0
 
@@ -173,7 +172,7 @@ def block_diffusion_generate(
         return model(x, position_ids=positions, kv_cache=hook, compute_logits=False).hidden
 
     def candidates(hidden_rows: torch.Tensor):
-        logits = hidden_rows.float() @ lm_head.float().T
+        logits = model.logits(hidden_rows).float()  # in the model's dtype, as the peers
         logits[..., mask_id] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
         conf, tok = probs.max(dim=-1)
