@@ -1,0 +1,179 @@
+"""``unmask_step`` with the vocabulary split across tensor-parallel ranks, without gathering logits.
+
+Each rank scores its vocabulary rows ``[v0, v1)`` (``hidden @ lm_head_shard.T``) and reduces every
+row of the window to the partials the Triton kernel keeps per vocabulary split: the max, its
+first (global) index, the sum of ``exp(score - max)``, and at temperature > 0 the max of
+``score / T + Gumbel``, its index and its raw score. One all-gather of those ``[B, Lr, 6]``
+float64 values (``[N_ranks, B, Lr, 6]``: 48 bytes per row and rank, whatever ``V``), then every rank
+runs the same merge (ranks in vocabulary order: the first maximum wins ties, as ``torch.argmax``)
+and the reference's commit (:func:`hybridkernels.reference.unmask.rank_and_commit`), so every
+rank writes the same tokens.
+
+Against the single-device op (:func:`hybridkernels.reference.unmask_step`) on the same scores:
+candidates are identical (maxima and argmaxes merge exactly; the Gumbel noise of token ``v`` is the
+reference's draw for ``v``: every rank draws the reference's whole ``[B, Lr, V]`` noise from the
+same generator and keeps its columns, so the generator advances as on one device); confidences
+are the same softmax up to float rounding (the sum of exponentials is summed rank by rank), so the
+committed rows are identical unless two rows' confidences are within an ulp. The ``random``
+remasking draw comes after the noise, as in the reference.
+
+This is the reference (torch) path, on any device. On CUDA the single-device op is the Triton
+kernel, whose Gumbel noise is counter-based (``tl.rand(seed, row * V + token)``); a rank-split
+version of it needs the kernel's partial stage to take a vocabulary offset (see the module notes
+in the report of issue 18) and is not here yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..common import UnmaskResult
+from ..ops._checks import check_unmask_args
+from ..reference.unmask import gumbel_noise, rank_and_commit
+from ..validation import check_tensor
+from .group import TPGroup
+
+OP = "vocab_parallel_unmask_step"
+# Partials, per (row, rank): max, argmax, sumexp, gumbel max, gumbel argmax, gumbel argmax's score.
+M, ARG, SUMEXP, GMAX, GARG, GLOGIT = range(6)
+N_PARTIALS = 6
+
+
+def shard_partials(
+    scores: torch.Tensor, vocab_start: int, noise: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """Partials of one vocabulary shard: ``scores [..., V_r]`` float32 (banned tokens already
+    ``-inf``), ``noise [..., V_r]`` float64 Gumbel draws (None at temperature 0) -> float64
+    ``[..., 6]`` (indices global: ``+ vocab_start``)."""
+    m, arg = scores.max(dim=-1)  # NaN is the maximum, its first index (torch's rule)
+    ref = torch.where(torch.isfinite(m) | m.isnan(), m, torch.zeros_like(m))
+    sumexp = torch.exp(scores - ref[..., None]).sum(dim=-1)
+    sumexp = torch.where(m == float("-inf"), torch.zeros_like(sumexp), sumexp)  # a shard of -inf only
+    out = scores.new_zeros((*scores.shape[:-1], N_PARTIALS), dtype=torch.float64)
+    out[..., M], out[..., ARG], out[..., SUMEXP] = m.double(), (arg + vocab_start).double(), sumexp.double()
+    if noise is not None:
+        g, garg = (scores.double() / temperature + noise).max(dim=-1)
+        out[..., GMAX], out[..., GARG] = g, (garg + vocab_start).double()
+        out[..., GLOGIT] = scores.gather(-1, garg[..., None])[..., 0].double()
+    return out
+
+
+def _pick(parts: torch.Tensor, key: int, field: int) -> torch.Tensor:
+    """``parts [N_ranks, ...]``'s ``field`` at the first rank maximising ``key`` (NaN first)."""
+    winner = parts[..., key].argmax(dim=0, keepdim=True)
+    return parts[..., field].gather(0, winner)[0]
+
+
+def merge_argmax(parts: torch.Tensor) -> torch.Tensor:
+    """``parts [N_ranks, ..., >= 2]`` (max, global argmax per rank) -> int64 ``[...]``: the first
+    maximum in vocabulary order (``torch.argmax`` over the whole vocabulary)."""
+    return _pick(parts, M, ARG).long()
+
+
+def merge_partials(parts: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``parts [N_ranks, ..., 6]`` -> (candidate int64 ``[...]``, softmax confidence float32 ``[...]``
+    of the candidate; NaN when the row's softmax is NaN: a NaN or +inf score, or only -inf)."""
+    m = parts[..., M].float()
+    top = m.max(dim=0).values  # NaN propagates
+    has_nan = m.isnan().any(dim=0)
+    scale = torch.where(m == float("-inf"), torch.zeros_like(m), torch.exp(m - top))
+    total = (parts[..., SUMEXP].float() * scale).sum(dim=0)
+    if sample:
+        candidate = _pick(parts, GMAX, GARG).long()
+        score = _pick(parts, GMAX, GLOGIT).float()
+        confidence = torch.exp(score - top) / total
+    else:
+        candidate = merge_argmax(parts)
+        confidence = 1.0 / total  # exp(max - max) / sumexp
+    bad = has_nan | (top == float("inf")) | (top == float("-inf"))
+    return candidate, confidence.masked_fill(bad, float("nan"))
+
+
+def vocab_parallel_unmask_step(
+    x: torch.Tensor,
+    *,
+    hidden: torch.Tensor,
+    lm_head_shard: torch.Tensor,
+    vocab_start: int,
+    vocab_size: int,
+    group: TPGroup,
+    mask_id: int,
+    start: int = 0,
+    num_transfer: torch.Tensor | int | None = None,
+    threshold: float | None = None,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    banned_token_ids: Sequence[int] = (),
+    deferred_token_ids: Sequence[int] = (),
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> UnmaskResult:
+    """:func:`hybridkernels.ops.unmask_step` (fused path) with the LM head split by vocabulary.
+
+    Args (beyond the op's): ``hidden [B, Lr, d]`` (the same on every rank), ``lm_head_shard
+    [V_r, d]`` (this rank's rows ``[vocab_start, vocab_start + V_r)``, same dtype), ``vocab_size``
+    (the model's ``V``), ``group`` (:class:`TPGroup`). ``backend``: only ``"reference"`` or None
+    (this is the torch path). Every rank returns the same :class:`UnmaskResult`; ``x`` is updated
+    in place on every rank. See the module docstring for what equals the single-device op.
+    """
+    if backend not in (None, "reference"):
+        raise ValueError(f"{OP}: backend must be 'reference' or None (the torch path), got {backend!r}")
+    check_tensor(OP, "hidden", hidden, ndim=3, device=x.device)
+    check_tensor(OP, "lm_head_shard", lm_head_shard, ndim=2, device=x.device)
+    if hidden.dtype != lm_head_shard.dtype or hidden.shape[-1] != lm_head_shard.shape[1]:
+        raise ValueError(
+            f"{OP}: hidden [B, Lr, d] ({hidden.dtype}, d = {hidden.shape[-1]}) and lm_head_shard "
+            f"[V_r, d] ({lm_head_shard.dtype}, d = {lm_head_shard.shape[1]}) must agree in dtype and d"
+        )
+    B, Lr = hidden.shape[:2]
+    vocab_stop = vocab_start + lm_head_shard.shape[0]
+    if not 0 <= vocab_start < vocab_stop <= vocab_size:
+        raise ValueError(f"{OP}: shard rows [{vocab_start}, {vocab_stop}) are outside [0, {vocab_size})")
+    # The op's checks, on a stride-0 stand-in for the [B, Lr, V] scores (no memory).
+    proxy = hidden.new_empty((1, 1, 1)).expand(B, Lr, vocab_size)
+    args = check_unmask_args(
+        OP,
+        x,
+        mask_id=mask_id,
+        logits=proxy,
+        hidden=None,
+        lm_head=None,
+        start=start,
+        num_transfer=num_transfer,
+        threshold=threshold,
+        temperature=temperature,
+        remasking=remasking,
+        banned_token_ids=banned_token_ids,
+        deferred_token_ids=deferred_token_ids,
+        seed=seed,
+        generator=generator,
+    )
+    scores = hidden.float() @ lm_head_shard.float().T  # [B, Lr, V_r], as the reference's product
+    local_banned = [t - vocab_start for t in args.banned_token_ids if vocab_start <= t < vocab_stop]
+    if local_banned:
+        scores[..., local_banned] = float("-inf")
+    sample = args.temperature > 0
+    noise = None
+    if sample:
+        full = gumbel_noise((B, Lr, vocab_size), generator=args.generator, device=x.device)
+        noise = full[..., vocab_start:vocab_stop]
+    parts = group.all_gather(shard_partials(scores, vocab_start, noise, args.temperature))
+    candidate, confidence = merge_partials(parts, sample)
+    if args.remasking == "random":
+        confidence = torch.rand((B, Lr), generator=args.generator, device=x.device)
+    if args.deferred_token_ids:
+        deferred = torch.tensor(args.deferred_token_ids, device=x.device)
+        confidence = confidence.masked_fill(torch.isin(candidate, deferred), float("-inf"))
+
+    window = x[:, args.start : args.start + Lr]
+    committable = window == args.mask_id
+    confidence = torch.where(committable, confidence, torch.full_like(confidence, float("-inf")))
+    tokens = torch.where(committable, candidate, window)
+    committed = rank_and_commit(
+        confidence, committable, num_transfer=args.num_transfer, threshold=args.threshold
+    )
+    window[committed] = tokens[committed]
+    return UnmaskResult(x, committed, tokens, confidence)
