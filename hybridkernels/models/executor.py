@@ -306,11 +306,17 @@ class ARExecutor:
         return GenerationOutput(tokens, out_lengths, stats)
 
     # ------------------------------------------------------------------ the step (eager == graph)
-    def _emit(self, s: _DecodeState, logits: torch.Tensor) -> None:
-        """Choose each row's token from ``logits [rows, V]``, write it to the output column ``col``
-        and make it the next step's input."""
+    def _emit(self, s: _DecodeState, logits: torch.Tensor | None, hidden: torch.Tensor | None = None) -> None:
+        """Choose each row's token from ``logits [rows, V]`` (or from the last hidden states
+        ``hidden [rows, d]`` through the model's ``next_tokens`` when it has one: a tensor-parallel
+        model chooses from its vocabulary shards), write it to the output column ``col`` and make it
+        the next step's input."""
         p = s.sampling
-        sampled = sample_tokens(logits, p.temperature, p.top_k, p.top_p, s.generator)
+        if hidden is not None and hasattr(self.model, "next_tokens"):
+            sampled = self.model.next_tokens(hidden, p.temperature, p.top_k, p.top_p, s.generator)
+        else:
+            logits = self.model.logits(hidden) if logits is None else logits
+            sampled = sample_tokens(logits, p.temperature, p.top_k, p.top_p, s.generator)
         tokens = emit_tokens(sampled, s.finished, s.eos_ids, p.pad)
         s.out.index_copy_(1, s.col, tokens[:, None])
         s.col += 1
@@ -321,7 +327,7 @@ class ARExecutor:
         torch.add(s.append_at, 1, out=s.cache_lens)
         x = self.model.embed(s.tok[:, None])
         hidden = self.model(inputs_embeds=x, position_ids=s.pos, kv_cache=s.hook, compute_logits=False).hidden
-        self._emit(s, self.model.logits(hidden[:, -1]))
+        self._emit(s, None, hidden[:, -1])
         s.pos += 1
         s.append_at.copy_(s.cache_lens)
 
