@@ -44,6 +44,7 @@ class Preset:
     answer_tokens: int
     init_std: float = 0.02
     gpu_only: bool = False
+    clock: str = "wall"  # benchmarking.time_alternating's clock ("cpu" on a shared CPU, see run())
 
 
 def _tiny(causal: bool) -> TransformerConfig:
@@ -94,6 +95,8 @@ class Row:
     floor_fraction: float | None = None
     floor_note: str = ""
     params: dict = dataclasses.field(default_factory=dict)
+    step_ms: float | None = None  # ours: mean wall time of one step (decode step / denoising step)
+    floor_ms: float | None = None  # that step's floor (benchmarking.step_floor), mean over the steps
 
     @property
     def speedup(self) -> float:
@@ -106,10 +109,12 @@ class BenchFailure(RuntimeError):
     """The fast path disagreed with its baseline: reported, never timed as a speedup."""
 
 
-def _timed(device: torch.device, rounds: int, fns: dict[str, Callable[[], object]]) -> tuple[dict, dict]:
+def _timed(
+    device: torch.device, rounds: int, fns: dict[str, Callable[[], object]], clock: str = "wall"
+) -> tuple[dict, dict]:
     """Median seconds and last output of each of ``fns``, timed round-robin after one warm-up round
-    (:func:`hybridkernels.benchmarking.time_alternating`)."""
-    timings, outputs = benchmarking.time_alternating(fns, device, rounds=rounds)
+    (:func:`hybridkernels.benchmarking.time_alternating`, with ``clock``)."""
+    timings, outputs = benchmarking.time_alternating(fns, device, rounds=rounds, clock=clock)
     return {name: t.median for name, t in timings.items()}, outputs
 
 
@@ -154,7 +159,7 @@ def stage_planner(preset: Preset, device: torch.device, reps: int, progress) -> 
                     "naive": partial(llada_generate, model, prompt, mask_id=planner.mask_id, **kw),
                     "fast": partial(planner.generate, prompt, **kw),
                     "dual": partial(planner.generate, prompt, cache="dual", **kw),
-                })  # fmt: skip
+                }, preset.clock)  # fmt: skip
                 (naive, naive_s), (fast, fast_s), (dual, dual_s) = (
                     (outs[k], secs[k]) for k in ("naive", "fast", "dual")
                 )
@@ -163,13 +168,17 @@ def stage_planner(preset: Preset, device: torch.device, reps: int, progress) -> 
                 )
                 agree = (dual.generated == fast.generated).float().mean().item()
                 tokens = batch * gen
-                L = preset.prompt_len + gen
-                w = benchmarking.streamed_weight_bytes(model)
-                full_floor = benchmarking.floor_s(device, w, benchmarking.forward_flops(cfg, batch * L, L))
-                cached_floor = benchmarking.floor_s(
-                    device, w, benchmarking.forward_flops(cfg, batch * preset.block_length, L)
-                )
-                on_gpu = device.type == "cuda"
+                L, block = preset.prompt_len + gen, preset.block_length
+                # The fast path applies the LM head to the window's rows only, every step.
+                full_floor = benchmarking.step_floor(
+                    model, rows=batch, queries=L, keys=L, head_rows=batch * block
+                )["floor_s"]
+                cached_floor = benchmarking.step_floor(
+                    model, rows=batch, queries=block, keys=L, head_rows=batch * block
+                )["floor_s"]
+                fast_steps = fast.stats.steps
+                dual_steps, refreshes = dual.stats.steps, dual.stats.refreshes
+                dual_floor = refreshes * full_floor + (dual_steps - refreshes) * cached_floor
                 base = dict(
                     stage="planner",
                     baseline="naive LLaDA loop",
@@ -183,17 +192,20 @@ def stage_planner(preset: Preset, device: torch.device, reps: int, progress) -> 
                         ours="planner, no cache",
                         ours_value=tokens / fast_s,
                         agreement=agreement,
-                        floor_fraction=full_floor * (gen // k) / fast_s if on_gpu else None,
+                        floor_fraction=full_floor * fast_steps / fast_s,
                         floor_note="steps x full-forward floor / time",
                         params={"batch": batch, "gen_length": gen, "k": k, "variant": "no cache"},
+                        step_ms=1e3 * fast_s / fast_steps,
+                        floor_ms=1e3 * full_floor,
                     )
                 )
                 rows.append(Row(
                     **base, ours="planner, dual cache", ours_value=tokens / dual_s,
                     agreement=f"{100 * agree:.1f}% tokens = no cache",
-                    floor_fraction=cached_floor * (gen // k) / dual_s if on_gpu else None,
-                    floor_note="steps x block-forward floor / time (refreshes not in the floor)",
+                    floor_fraction=dual_floor / dual_s,
+                    floor_note="refreshes x full-forward floor + cached steps x block floor / time",
                     params={"batch": batch, "gen_length": gen, "k": k, "variant": "dual cache"},
+                    step_ms=1e3 * dual_s / dual_steps, floor_ms=1e3 * dual_floor / dual_steps,
                 ))  # fmt: skip
     return rows
 
@@ -215,30 +227,32 @@ def stage_executor(preset: Preset, device: torch.device, reps: int, progress) ->
         new = preset.answer_tokens
         fns = {
             "ours": partial(executor.generate, prompt, max_new_tokens=new),
+            # the prefill and first token alone: (ours - this) / (new - 1) is the decode step
+            "ours_first": partial(executor.generate, prompt, max_new_tokens=1),
             "naive": partial(ar_generate, model, prompt, max_new_tokens=new),
         }
         if hf is not None:
             fns["hf"] = partial(hf.generate, prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        secs, outs = _timed(device, reps, fns)
+        secs, outs = _timed(device, reps, fns, preset.clock)
         ours_out, ours_s, naive_out, naive_s = outs["ours"], secs["ours"], outs["naive"], secs["naive"]
         agreement = _agreement(ours_out.tokens, naive_out.tokens, preset, f"executor {batch=}")
         tokens = batch * new
-        floor = benchmarking.floor_s(
-            device,
-            benchmarking.streamed_weight_bytes(model),
-            benchmarking.forward_flops(cfg, batch, preset.prompt_len + new),
-        )
-        step_s = ours_out.stats.decode_s / max(1, ours_out.stats.decode_steps)
-        fraction = floor / step_s if device.type == "cuda" else None
+        # A decode step: every row's new token over its cache (mean length) and the LM head.
+        floor = benchmarking.step_floor(
+            model, rows=batch, queries=1, keys=preset.prompt_len + new // 2, head_rows=batch
+        )["floor_s"]
+        step_s = max(secs["ours"] - secs["ours_first"], 0.0) / max(1, new - 1)
         common = dict(
             stage="executor",
             case=f"batch={batch} prompt={preset.prompt_len} new={new}",
             unit="tok/s",
             ours="ARExecutor",
             ours_value=tokens / ours_s,
-            floor_fraction=fraction,
-            floor_note="decode step vs max(weights/BW, flops/peak)",
+            floor_fraction=floor / step_s,
+            floor_note="decode step vs max((weights + K/V) / copy BW, flops / matmul rate)",
             params={"batch": batch, "gen_length": new},
+            step_ms=1e3 * step_s,
+            floor_ms=1e3 * floor,
         )
         rows.append(
             Row(baseline="no-cache loop", baseline_value=tokens / naive_s, agreement=agreement, **common)
@@ -290,7 +304,10 @@ def stage_pipeline(preset: Preset, device: torch.device, reps: int, progress) ->
                 naive = HybridPipeline(planner, executor, projector, mode=mode, naive=True, **kw)
                 fast = HybridPipeline(planner, executor, projector, mode=mode, **kw)
                 secs, outs = _timed(
-                    device, reps, {"naive": partial(naive, questions), "fast": partial(fast, questions)}
+                    device,
+                    reps,
+                    {"naive": partial(naive, questions), "fast": partial(fast, questions)},
+                    preset.clock,
                 )
                 want, naive_s, got, fast_s = outs["naive"], secs["naive"], outs["fast"], secs["fast"]
                 tokens = got.stats.plan_tokens + got.stats.answer_tokens
@@ -342,19 +359,36 @@ STAGES: dict[str, Callable] = {
 
 
 # ---------------------------------------------------------------------------------------- output
+def _step_cells(r: Row) -> tuple[str, str, str]:
+    """``step ms``, ``floor ms`` and ``step / floor`` of a row, or dashes."""
+    if r.step_ms is None or r.floor_ms is None:
+        return "-", "-", "-"
+    return f"{r.step_ms:.3f}", f"{r.floor_ms:.3f}", f"{r.step_ms / r.floor_ms:.1f}x"
+
+
 def format_table(rows: list[Row]) -> str:
     head = (
         f"{'stage':<10} {'case':<40} {'baseline':<16} {'base':>10} {'ours':<22} {'ours':>10} {'unit':<6} "
-        f"{'speedup':>8} {'floor%':>7}  agreement"
+        f"{'speedup':>8} {'step ms':>9} {'floor ms':>9} {'/floor':>7}  agreement"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        floor = f"{100 * r.floor_fraction:6.1f}%" if r.floor_fraction is not None else "      -"
+        step, floor, over = _step_cells(r)
         lines.append(
             f"{r.stage:<10} {r.case:<40} {r.baseline:<16} {r.baseline_value:>10.1f} {r.ours:<22} "
-            f"{r.ours_value:>10.1f} {r.unit:<6} {r.speedup:>7.2f}x {floor}  {r.agreement}"
+            f"{r.ours_value:>10.1f} {r.unit:<6} {r.speedup:>7.2f}x {step:>9} {floor:>9} {over:>7}  "
+            f"{r.agreement}"
         )
     return "\n".join(lines)
+
+
+def _ceilings(p: dict) -> str:
+    matmul = p["matmul_tflops"]
+    rate = f"{matmul:.0f} TFLOP/s" if matmul >= 10 else f"{1e3 * matmul:.0f} GFLOP/s"
+    return (
+        f"copy {p['copy_bandwidth_gbs']:.1f} GB/s (read + write), {p.get('matmul_dtype', 'bf16')} "
+        f"matmul {rate}"
+    )
 
 
 def format_markdown(rows: list[Row], meta: dict) -> str:
@@ -366,22 +400,19 @@ def format_markdown(rows: list[Row], meta: dict) -> str:
         f"triton {meta['environment']['triton']}, date {meta['environment']['date']}",
     ]
     if meta.get("probes"):
-        p = meta["probes"]
-        lines.append(
-            f"- measured ceilings: copy {p['copy_bandwidth_gbs']:.0f} GB/s, "
-            f"bf16 matmul {p['matmul_tflops']:.0f} TFLOP/s"
-        )
+        lines.append(f"- measured ceilings: {_ceilings(meta['probes'])}")
     lines += [
         f"- {meta['note']}",
         "",
-        "| stage | case | baseline | baseline | ours | ours | unit | speedup | floor |",
-        "|---|---|---|---:|---|---:|---|---:|---:|",
+        "| stage | case | baseline | baseline | ours | ours | unit | speedup | step ms | floor ms "
+        "| step / floor |",
+        "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        floor = f"{100 * r.floor_fraction:.0f}%" if r.floor_fraction is not None else "-"
+        step, floor, over = _step_cells(r)
         lines.append(
             f"| {r.stage} | {r.case} | {r.baseline} | {r.baseline_value:.1f} | {r.ours} | "
-            f"{r.ours_value:.1f} | {r.unit} | {r.speedup:.2f}x | {floor} |"
+            f"{r.ours_value:.1f} | {r.unit} | {r.speedup:.2f}x | {step} | {floor} | {over} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -440,7 +471,15 @@ def run(
     markdown_path: str | None = None,
     plot_path: str | None = None,
     command: str = "",
+    threads: int | None = 1,
+    clock: str | None = None,
 ) -> list[Row]:
+    """Run a preset's stages and print (and write) the table. ``threads``: torch's intra-op
+    threads on the CPU for every method alike (default 1: these models are too small to split,
+    and on a shared machine a second thread makes each small op wait for a core; None keeps
+    torch's default). ``clock``: ``"wall"`` or ``"cpu"`` (process CPU time, see
+    :func:`hybridkernels.benchmarking.time_alternating`); default ``"cpu"`` on a CPU with one
+    thread, else ``"wall"``."""
     if preset_name not in PRESETS:
         raise SystemExit(f"--preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
     preset = PRESETS[preset_name]
@@ -449,10 +488,13 @@ def run(
         raise SystemExit(
             f"--preset {preset_name} builds 8B-shaped models: it needs a GPU (use --preset tiny)"
         )
+    if clock is None:  # one torch thread on a CPU: count the work, not the waits for a core
+        clock = "cpu" if dev.type == "cpu" and threads == 1 else "wall"
     preset = dataclasses.replace(
         preset,
         batches=tuple(batch) if batch else preset.batches,
         gen_lengths=tuple(gen_length) if gen_length else preset.gen_lengths,
+        clock=clock,
     )
     unknown = set(stages or ()) - set(STAGES)
     if unknown:
@@ -465,16 +507,15 @@ def run(
     print(f"hybridkernels bench --preset {preset.name}: {preset.description}, on {dev}")
     print("weights are random (no model hub): planners never get confident, so planner rows use fixed")
     print("schedules of k tokens per step; tokens/s counts generated tokens per sequence.")
-    probes = None
-    if dev.type == "cuda":
-        probes = {
-            "copy_bandwidth_gbs": benchmarking.copy_bandwidth_gbs(str(dev)),
-            "matmul_tflops": benchmarking.matmul_peak_tflops(str(dev)),
-        }
-        print(
-            f"ceilings: copy {probes['copy_bandwidth_gbs']:.0f} GB/s, "
-            f"bf16 matmul {probes['matmul_tflops']:.0f} TFLOP/s"
-        )
+    if dev.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
+    probes = {
+        "copy_bandwidth_gbs": benchmarking.copy_bandwidth_gbs(str(dev)),
+        "matmul_tflops": benchmarking.matmul_peak_tflops(str(dev)),
+        "matmul_dtype": "bfloat16" if dev.type == "cuda" else "float32",
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(f"ceilings (the floors' denominators): {_ceilings(probes)}; timed by {clock} clock")
     rows: list[Row] = []
     cases_per_stage = {
         "planner": len(preset.batches) * len(preset.gen_lengths) * len(preset.tokens_per_step),
@@ -499,6 +540,7 @@ def run(
         "command": command,
         "environment": benchmarking.environment(dev),
         "probes": probes,
+        "clock": clock,
         "note": "random weights; tokens/s = generated tokens per second; speedup = ours / baseline",
     }
     if json_path:

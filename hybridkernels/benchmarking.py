@@ -67,20 +67,23 @@ def time_ms(
 
 @functools.cache
 def copy_bandwidth_gbs(device: str = "cuda", nbytes: int = 1 << 30) -> float:
-    """Bytes read plus written per second (GB/s) by ``dst.copy_(src)`` of ``nbytes``."""
+    """Bytes read plus written per second (GB/s) by ``dst.copy_(src)`` of ``nbytes`` (256 MB at
+    most on the CPU). Both buffers are written first: an untouched CPU allocation reads as the
+    kernel's shared zero page, which comes from cache (5-10x the real bandwidth)."""
     if torch.device(device).type != "cuda":
-        nbytes = min(nbytes, 1 << 26)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)
+        nbytes = min(nbytes, 1 << 28)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.zeros_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=2, reps=10 if src.is_cuda else 5)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 @functools.cache
 def matmul_peak_tflops(device: str = "cuda", n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Achieved TFLOP/s of an ``n x n x n`` matmul (the practical compute ceiling)."""
+    """Achieved TFLOP/s of an ``n x n x n`` matmul (the practical compute ceiling); on the CPU
+    a 1024^3 float32 one, at the current torch thread count."""
     if torch.device(device).type != "cuda":
-        n, dtype = min(n, 512), torch.float32
+        n, dtype = min(n, 1024), torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b, device, warmup=3, reps=10)
@@ -171,6 +174,36 @@ def floor_s(device: torch.device | str, weight_bytes: float, flops: float) -> fl
     return max(weight_bytes / (copy_bandwidth_gbs(dev) * 1e9), flops / (matmul_peak_tflops(dev) * 1e12))
 
 
+def step_floor(
+    model, *, rows: int, queries: int, keys: int, head_rows: int, kv_dtype_bytes: int | None = None
+) -> dict:
+    """Floor of one forward step of a :class:`~hybridkernels.models.Transformer` and what it is
+    made of: ``rows`` sequences of ``queries`` new tokens attending ``keys`` keys each (from a
+    cache, or their own), and the LM head on ``head_rows`` rows (the executor: one per row; the
+    planner: the window's rows). Bytes: the streamed weights (:func:`streamed_weight_bytes`, LM
+    head included) + the K/V read; flops: :func:`forward_flops` + ``2 * head_rows * d * V``.
+
+    Returns ``{"floor_s", "bytes", "flops", "bytes_s", "flops_s", "bound"}`` with ``bytes_s`` =
+    bytes / the measured copy bandwidth, ``flops_s`` = flops / the measured matmul rate, the
+    floor their max and ``bound`` which one it is ("bandwidth" or "compute")."""
+    cfg = model.config
+    es = kv_dtype_bytes or model.embed_tokens.weight.element_size()
+    kv_bytes = rows * keys * cfg.num_layers * 2 * cfg.kv_size * es
+    nbytes = streamed_weight_bytes(model) + kv_bytes
+    flops = forward_flops(cfg, rows * queries, keys) + 2 * head_rows * cfg.hidden_size * cfg.vocab_size
+    dev = str(model.device)
+    bytes_s = nbytes / (copy_bandwidth_gbs(dev) * 1e9)
+    flops_s = flops / (matmul_peak_tflops(dev) * 1e12)
+    return {
+        "floor_s": max(bytes_s, flops_s),
+        "bytes": nbytes,
+        "flops": flops,
+        "bytes_s": bytes_s,
+        "flops_s": flops_s,
+        "bound": "bandwidth" if bytes_s >= flops_s else "compute",
+    }
+
+
 def call_floor_s(model, tokens: int) -> float:
     """Floor of one call of ``model`` on ``tokens`` tokens: its streamed weights, and 2 flops per
     parameter and token."""
@@ -210,11 +243,21 @@ def time_alternating(
     rounds: int = 5,
     warmup: int = 1,
     time_budget_s: float | None = None,
+    clock: str = "wall",
 ) -> tuple[dict[str, Timing], dict[str, object]]:
     """Time several functions round-robin (A B C ... A B C ...) so that a load change on a busy
     machine hits all of them alike: ``warmup`` untimed rounds, then ``rounds`` timed ones (fewer,
     but at least 2, if ``time_budget_s`` runs out). Returns each function's :class:`Timing` and its
-    last output."""
+    last output.
+
+    ``clock``: ``"wall"`` (``perf_counter``, after a device sync) or ``"cpu"`` (this process's CPU
+    time, ``time.process_time``: on a CPU shared with other processes and one torch thread, the
+    work done without the time spent waiting for a core; CPU devices only)."""
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"time_alternating: clock must be 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and torch.device(device).type != "cpu":
+        raise ValueError("time_alternating: clock='cpu' times CPU work only (device is not cpu)")
+    now = time.perf_counter if clock == "wall" else time.process_time
     outputs = {}
     for _ in range(warmup):
         for name, fn in fns.items():
@@ -226,10 +269,10 @@ def time_alternating(
         if r >= 2 and time_budget_s is not None and time.perf_counter() - started > time_budget_s:
             break
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             outputs[name] = fn()
             synchronize(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     return {name: Timing(t) for name, t in times.items()}, outputs
 
 

@@ -25,8 +25,12 @@ def test_tiny_bench_rows_and_outputs(tmp_path, capsys):
     # fp32: the fast paths' tokens equal the naive loops' (else bench.run raised BenchFailure)
     exact = [r for r in rows if "dual cache" not in r.ours]
     assert exact and all(r.agreement.endswith("tokens equal") for r in exact)
+    for r in rows:  # planner and executor rows: the step time against its floor, on the CPU too
+        if r.stage in ("planner", "executor"):
+            assert r.step_ms > 0 and r.floor_ms > 0
+            assert r.floor_fraction == pytest.approx(r.floor_ms / r.step_ms)
     out = capsys.readouterr().out
-    assert "random" in out and "speedup" in out
+    assert "random" in out and "speedup" in out and "floor ms" in out and "timed by cpu clock" in out
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["preset"] == "tiny" and len(data["rows"]) == len(rows)
     assert "| stage |" in (tmp_path / "b.md").read_text()
@@ -106,3 +110,34 @@ def test_toy_bench_rows_and_outputs(quick_toy, tmp_path, capsys):
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["preset"] == "toy" and len(data["quality_rows"]) == len(rows) and data["rounds"] == 2
     assert "| group | method | answer acc." in (tmp_path / "t.md").read_text()
+
+
+def test_step_floor_and_probes():
+    """The floor of a step is max(bytes / copy bandwidth, flops / matmul rate), bytes = streamed
+    weights (LM head included) + K/V, flops = layer matmuls + the LM head rows; the CPU copy
+    probe reads written memory (an untouched buffer would read the shared zero page)."""
+    from hybridkernels import benchmarking
+    from hybridkernels.models import Transformer
+
+    model = Transformer(bench._tiny(True))
+    cfg = model.config
+    f = benchmarking.step_floor(model, rows=2, queries=1, keys=10, head_rows=2)
+    assert (
+        f["bytes"]
+        == benchmarking.streamed_weight_bytes(model) + 2 * 10 * cfg.num_layers * 2 * cfg.kv_size * 4
+    )
+    assert f["flops"] == benchmarking.forward_flops(cfg, 2, 10) + 2 * 2 * cfg.hidden_size * cfg.vocab_size
+    assert f["floor_s"] == max(f["bytes_s"], f["flops_s"]) > 0
+    assert f["bound"] in ("bandwidth", "compute")
+    assert 0.1 < benchmarking.copy_bandwidth_gbs("cpu") < 1000
+
+
+def test_time_alternating_clocks():
+    from hybridkernels import benchmarking
+
+    timings, outputs = benchmarking.time_alternating(
+        {"a": lambda: sum(range(20000)), "b": lambda: 1}, "cpu", rounds=2, clock="cpu"
+    )
+    assert outputs == {"a": sum(range(20000)), "b": 1} and len(timings["a"].seconds) == 2
+    with pytest.raises(ValueError, match="clock must be"):
+        benchmarking.time_alternating({"a": lambda: 1}, "cpu", clock="gpu")

@@ -77,6 +77,15 @@ class PrefillHook:
             "PrefillHook", "decode_backend", decode_backend, "cache_backend", cache_backend
         )
         self.positions = torch.zeros(cache.batch, dtype=torch.int32, device=cache.k.device)
+        # On the CPU the automatic choice of the attention op is its reference (the spec, written
+        # for clarity: einsum, masks, an explicit log-sum-exp); the packed causal prefill needs no
+        # mask, so unless a backend is named it runs torch's fused SDPA kernel (4-5x faster here).
+        device = cache.k.device
+        self._sdpa = (
+            device.type == "cpu"
+            and attention_backend is None
+            and ops.OP_BACKENDS["bidirectional_attention"].resolve(None, device) == ("reference", None)
+        )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_rows, v_rows = k, v
@@ -90,6 +99,8 @@ class PrefillHook:
             self.positions,
             backend=self.decode_backend,
         )
+        if self._sdpa:
+            return ops.sdpa_attention(q, k, v, causal=True)
         return ops.attention(q, k, v, causal=True, backend=self.attention_backend)
 
 
