@@ -207,6 +207,9 @@ std::string run_decode(const Case& c, std::mt19937& rng, std::string& info) {
   const int64_t Lmax = c.num("Lmax"), P = c.num("prefix", 0);
   const int64_t Lp = P > 0 ? P + 3 : 0;  // rows past prefix_len must not be read
   const std::vector<int64_t> lens = c.list("lens");
+  // Lengths outside [0, Lmax] (the op rejects them unless value checks are skipped): the kernel
+  // clamps, and must never read past the cache.
+  auto valid_len = [&](int64_t b) { return std::min(std::max<int64_t>(lens[b], 0), Lmax); };
   const int forced = int(c.num("splits", 0));
   const int device = int(c.num("device", 0));
   const bool strided = c.str("layout", "contig") == "strided";
@@ -235,7 +238,7 @@ std::string run_decode(const Case& c, std::mt19937& rng, std::string& info) {
     for (int64_t h = 0; h < Hq; ++h)
       for (int64_t d = 0; d < D; ++d) q.set(3.f * U(rng), b, h, d);  // peaked softmax
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < lens[b]; ++j)  // slots past cache_lens[b] stay NaN
+    for (int64_t j = 0; j < valid_len(b); ++j)  // slots past cache_lens[b] stay NaN
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t d = 0; d < D; ++d) {
           kc.set(U(rng), b, j, h, d);
@@ -286,7 +289,7 @@ std::string run_decode(const Case& c, std::mt19937& rng, std::string& info) {
   double worst = 0.;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hq; ++h) {
-      const int64_t kvh = h / group, n = P + lens[b];
+      const int64_t kvh = h / group, n = P + valid_len(b);
       std::vector<double> s(n);
       double m = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {
@@ -411,7 +414,9 @@ std::string run_append(const Case& c, std::mt19937& rng, std::string& info) {
         sin_t->set(float(std::sin(ang)), r, i);
       }
     std::uniform_int_distribution<int64_t> R(0, rows - 1);
-    if (rope == "tokens") {
+    if (c.kv.count("rpos")) {  // explicit positions (out-of-table ones too)
+      rpos = c.list("rpos");
+    } else if (rope == "tokens") {
       for (int64_t i = 0; i < B * T; ++i) rpos.push_back(R(rng));
     } else if (rope == "start") {
       std::uniform_int_distribution<int64_t> S(0, rows - T);
@@ -437,10 +442,20 @@ std::string run_append(const Case& c, std::mt19937& rng, std::string& info) {
   }
   hk::kv_append_cuda(a, device, 0);
 
+  // Token t of row b is written only when its slots fit the cache and its rotary position the
+  // table (the host checks reject anything else unless value checks are skipped; the kernels
+  // then skip the token rather than write out of bounds).
+  auto written = [&](int64_t b, int64_t t) {
+    const bool fits = pos[b] >= 0 && pos[b] <= Lmax - T;
+    if (!fits || rope == "none") return fits;
+    const int64_t p = rope == "tokens" ? rpos[b * T + t] : rope == "start" ? rpos[b] : pos[b];
+    const int64_t offset = rope == "tokens" ? 0 : t;
+    return p >= 0 && p < cos_t->size[0] - offset;
+  };
   const int64_t half = D / 2;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < H; ++h)
+      for (int64_t h = 0; h < H && written(b, t); ++h)
         for (int64_t d = 0; d < D; ++d) {
           float k = kn.get(b, t, h, d);
           if (rope != "none") {
