@@ -222,6 +222,12 @@ __global__ void global_out_of_bounds(float* out, int shift) {
   out[threadIdx.x + shift] = 1.f;  // shift 1: one past the 32 floats
 }
 
+__global__ void local_out_of_bounds(float* out, int i) {
+  float local[4] = {1.f, 2.f, 3.f, 4.f};  // on the thread's fiber stack
+  const float* p = local;
+  out[threadIdx.x] = p[i + threadIdx.x % 2];  // i = 3: odd threads read local[4]
+}
+
 __global__ void missing_barrier(float* out) {
   __shared__ float buf[64];
   buf[threadIdx.x] = float(threadIdx.x);
@@ -250,6 +256,7 @@ int main(int argc, char** argv) {
   if (!strcmp(mode, "shuffle_partial_warp")) shuffle_partial_warp<<<1, 48>>>(wide);
   if (!strcmp(mode, "shared_out_of_bounds")) shared_out_of_bounds<<<1, 32>>>(out, 1);
   if (!strcmp(mode, "global_out_of_bounds")) global_out_of_bounds<<<1, 32>>>(out, 1);
+  if (!strcmp(mode, "local_out_of_bounds")) local_out_of_bounds<<<1, 32>>>(out, 3);
   if (!strcmp(mode, "missing_barrier")) {
     missing_barrier<<<1, 64>>>(wide);
     for (int i = 0; i < 64; ++i) ok = ok && wide[i] == float((i + 1) % 64);
@@ -291,6 +298,8 @@ BROKEN_REPORTS = {
     "shuffle_partial_warp": r"hkemu: error .*__shfl_down_sync names lane 16 of warp 1, which does not exist",
     "shared_out_of_bounds": r"broken_kernels\.cu:\d+:\d+: runtime error: index 32 out of bounds",
     "global_out_of_bounds": r"ERROR: AddressSanitizer: heap-buffer-overflow",
+    # UBSan's object-size check fires before ASan's stack-buffer-overflow: either will do.
+    "local_out_of_bounds": r"insufficient space for an object of type 'const float'|stack-buffer-overflow",
     "missing_barrier": r"wrong result",
 }
 
