@@ -144,6 +144,8 @@ def unmask_inputs(seed):
     hidden = torch.randn(B, Lr, d, generator=g)
     hidden[2, 1] = hidden[2, 0]  # two identical rows: a confidence tie
     head = torch.randn(V, d, generator=g)
+    head[30] = head[3]  # one row in two shards: the tie across ranks goes to the lower id
+    hidden[1, 2] = 2 * head[3]
     return x, hidden, head
 
 
@@ -248,7 +250,9 @@ def _free_port() -> int:
 
 def spawn(world: int, paths: dict) -> list[dict]:
     """Run :func:`_scenarios` on ``world`` gloo processes; results sorted by rank."""
-    ctx = mp.get_context("spawn")
+    # fork: the children start with torch and the package imported (spawn re-imports them: ~10 s
+    # per process on a small CI box); this process never initialises torch.distributed.
+    ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, paths, results)) for r in range(world)]

@@ -14,6 +14,7 @@ per rank (all-reduce ``2 (n-1)/n x`` payload, all-gather ``(n-1) x`` its payload
 
 from __future__ import annotations
 
+from .. import benchmarking
 from ..models.config import TransformerConfig
 from .sharding import check_divisible, vocab_chunk
 from .unmask import N_PARTIALS
@@ -68,28 +69,10 @@ def step_communication(
 
 
 def llada_8b() -> TransformerConfig:
-    """LLaDA-8B-Instruct's shape (32 layers, d 4096, 32 heads without GQA, MLP 12288, V 126464)."""
-    return TransformerConfig(
-        vocab_size=126464,
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        causal=False,
-        family="llada",
-    )
+    """LLaDA-8B's shape (32 layers, d 4096, 32 heads without GQA, MLP 12288, V 126464)."""
+    return benchmarking.LLADA_8B
 
 
 def llama_8b() -> TransformerConfig:
     """Llama-3.1-8B's shape (32 layers, d 4096, 32 q / 8 kv heads, MLP 14336, V 128256)."""
-    return TransformerConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-    )
+    return benchmarking.LLAMA_8B

@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,12 +29,15 @@ DEFAULT_TIMEOUT_S = 300.0
 @dataclasses.dataclass
 class CommStats:
     """Collectives issued through a :class:`TPGroup` since the last :meth:`reset`: calls and bytes
-    this rank contributed (an all-reduce of ``n`` bytes counts ``n``, an all-gather ``n`` per rank)."""
+    this rank contributed (an all-reduce of ``n`` bytes counts ``n``, an all-gather ``n`` per rank),
+    and with :attr:`TPGroup.timed` the seconds spent in them (CUDA synchronised around each).
+    Collectives replayed from a CUDA graph are not counted (they were issued once, at capture)."""
 
     all_reduce_calls: int = 0
     all_reduce_bytes: int = 0
     all_gather_calls: int = 0
     all_gather_bytes: int = 0
+    seconds: float = 0.0
 
     @property
     def bytes(self) -> int:
@@ -63,6 +67,7 @@ class TPGroup:
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
         self.stats = CommStats()
+        self.timed = False  # measure the seconds of each collective (benchmarks; syncs CUDA)
 
     @classmethod
     def single(cls) -> TPGroup:
@@ -91,7 +96,9 @@ class TPGroup:
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (every rank gets the same bits). Returns ``t``."""
         if self.world_size > 1:
+            started = self._start(t)
             dist.all_reduce(t, group=self.group)
+            self._stop(t, started)
             self.stats.all_reduce_calls += 1
             self.stats.all_reduce_bytes += t.numel() * t.element_size()
         return t
@@ -101,6 +108,7 @@ class TPGroup:
         if self.world_size == 1:
             return t[None]
         flat = t.contiguous().view(-1)
+        started = self._start(t)
         if flat.is_cuda:  # NCCL gathers into one buffer (CUDA-graph capturable)
             out = t.new_empty(self.world_size * flat.numel())
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
@@ -109,9 +117,23 @@ class TPGroup:
             parts = [torch.empty_like(flat) for _ in range(self.world_size)]
             dist.all_gather(parts, flat, group=self.group)
             out = torch.cat(parts)
+        self._stop(t, started)
         self.stats.all_gather_calls += 1
         self.stats.all_gather_bytes += t.numel() * t.element_size()
         return out.view(self.world_size, *t.shape)
+
+    def _start(self, t: torch.Tensor) -> float | None:
+        if not self.timed or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+        return time.perf_counter()
+
+    def _stop(self, t: torch.Tensor, started: float | None) -> None:
+        if started is not None:
+            if t.is_cuda:
+                torch.cuda.synchronize(t.device)
+            self.stats.seconds += time.perf_counter() - started
 
     def all_gather_object(self, obj) -> list:
         if self.world_size == 1:

@@ -129,6 +129,28 @@ class TensorParallelTransformer(Transformer):
         )
 
     @classmethod
+    def random(
+        cls, config: TransformerConfig, *, tp_group=None, dtype=None, device=None, seed: int = 0, **kwargs
+    ) -> TensorParallelTransformer:
+        """A shard with random weights (:meth:`reset_parameters`, seeded by ``seed`` and the rank),
+        for benchmarks: no checkpoint. ``kwargs``: ``causal``, ``attention_backend``."""
+        model = cls(config, tp_group=tp_group, dtype=dtype, **kwargs).to_empty(device=device or "cpu")
+        gen = torch.Generator(device or "cpu").manual_seed(seed * 1009 + model.tp.rank)
+        return model.reset_parameters(generator=gen).fuse_projections().eval()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None, generator: torch.Generator | None = None):
+        """:meth:`Transformer.reset_parameters`, the sharded layers included."""
+        super().reset_parameters(std, generator)
+        std = self.config.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, (RowParallelLinear, VocabParallelEmbedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        return self
+
+    @classmethod
     def _build(cls, config, state, tp, dtype, device, causal, attention_backend):
         model_dtype = dtype if dtype is not None else state["embed_tokens.weight"].dtype
         if model_dtype not in MODEL_DTYPES:

@@ -48,9 +48,9 @@ def shard_partials(
     ``-inf``), ``noise [..., V_r]`` float64 Gumbel draws (None at temperature 0) -> float64
     ``[..., 6]`` (indices global: ``+ vocab_start``)."""
     m, arg = scores.max(dim=-1)  # NaN is the maximum, its first index (torch's rule)
+    # A shard of -inf only (banned tokens) sums exp(-inf - 0) = 0; +inf and NaN rows are NaN.
     ref = torch.where(torch.isfinite(m) | m.isnan(), m, torch.zeros_like(m))
     sumexp = torch.exp(scores - ref[..., None]).sum(dim=-1)
-    sumexp = torch.where(m == float("-inf"), torch.zeros_like(sumexp), sumexp)  # a shard of -inf only
     out = scores.new_zeros((*scores.shape[:-1], N_PARTIALS), dtype=torch.float64)
     out[..., M], out[..., ARG], out[..., SUMEXP] = m.double(), (arg + vocab_start).double(), sumexp.double()
     if noise is not None:
