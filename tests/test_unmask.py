@@ -25,22 +25,22 @@ def make_tokens(B, L, V, mask_id, start, Lr, p_mask, generator):
     return x
 
 
-def run_both(x, device, *, split_len=None, config=None, **kwargs):
+def run_both(x, device, *, split_len=None, config=None, atol=1e-7, **kwargs):
     """The reference and the Triton backend on copies of ``x``; checks they agree and returns both."""
     ref = reference.unmask_step(x.clone().to(device), **kwargs)
     out = tri.unmask_step(x.clone().to(device), split_len=split_len, config=config, **kwargs)
-    assert_same(ref, out)
+    assert_same(ref, out, atol)
     return ref, out
 
 
-def assert_same(ref, out):
+def assert_same(ref, out, atol=1e-7):
     assert torch.equal(out.x, ref.x)
     assert torch.equal(out.committed, ref.committed)
     assert torch.equal(out.tokens, ref.tokens)
     finite = torch.isfinite(ref.confidence)
     assert torch.equal(torch.isfinite(out.confidence), finite)
     assert torch.equal(out.confidence[~finite], ref.confidence[~finite])
-    torch.testing.assert_close(out.confidence[finite], ref.confidence[finite], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.confidence[finite], ref.confidence[finite], rtol=1e-5, atol=atol)
 
 
 def num_masked(x, start, Lr, mask_id):
@@ -399,8 +399,9 @@ def test_compile_cases_cover_every_config_and_dtype():
         for k in (tri._logits_partials_kernel, tri._lm_head_partials_kernel)
     }
     # every config x dtype at temperature 0, plus the sampling variant of each dtype's first config
-    assert len(per_kernel[tri._logits_partials_kernel]) == (len(tri.LOGITS_CONFIGS) + 1) * 3
-    n_lm_head = sum(len(tri.lm_head_configs(dt)) + 1 for dt in (torch.float16, torch.bfloat16, torch.float32))
+    # and its margin / entropy variants
+    assert len(per_kernel[tri._logits_partials_kernel]) == (len(tri.LOGITS_CONFIGS) + 3) * 3
+    n_lm_head = sum(len(tri.lm_head_configs(dt)) + 3 for dt in (torch.float16, torch.bfloat16, torch.float32))
     assert len(per_kernel[tri._lm_head_partials_kernel]) == n_lm_head
     for c in per_kernel[tri._lm_head_partials_kernel]:
         assert (c.hopper_features == ("wgmma",)) == ("fp32" not in c.name)
@@ -522,3 +523,103 @@ def test_non_finite_logits_when_sampling(device, remasking):
         assert out.committed[0, [1, 4]].all() and out.committed[1, [0, 2]].all()
     else:
         assert not out.confidence.isnan().any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Dream's confidence rules: topk_margin (top-1 minus top-2 probability), entropy (sum p log p)
+# ----------------------------------------------------------------------------------------------
+DREAM_RULES = ["topk_margin", "entropy"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("remasking", DREAM_RULES)
+@pytest.mark.parametrize("rule", ["num_transfer", "threshold"])
+def test_dream_rules_logits_path_match_reference(device, dtype, remasking, rule):
+    g = torch.Generator().manual_seed(11)
+    B, L, Lr, V, start, mask_id = 3, 12, 9, 150, 2, 149
+    x = make_tokens(B, L, V, mask_id, start, Lr, 0.7, g)
+    logits = (2 * torch.randn(B, Lr, V, generator=g)).to(dtype).to(device)
+    logits[0, 1, [5, 77]] = 9.0  # a tied maximum across splits: margin 0
+    x[0, start + 1] = mask_id
+    if rule == "num_transfer":
+        rule_args = {"num_transfer": (num_masked(x, start, Lr, mask_id) // 2).to(device)}
+    else:  # entropy is <= 0: a threshold between the rows' values
+        rule_args = {"threshold": 0.2 if remasking == "topk_margin" else -3.5}
+    ref, out = run_both(
+        x, device, split_len=64, logits=logits, mask_id=mask_id, start=start, remasking=remasking,
+        banned_token_ids=(3,), atol=2e-6, **rule_args,
+    )  # fmt: skip
+    assert ref.committed.any() and not ref.committed.all()
+    if remasking == "topk_margin":
+        assert out.confidence[0, 1] == 0
+        assert (out.confidence[torch.isfinite(out.confidence)] >= 0).all()
+    else:
+        assert (out.confidence[torch.isfinite(out.confidence)] <= 0).all()
+
+
+def test_dream_rules_definitions():
+    """Margin and entropy as Dream writes them (sort; p * log(p + 1e-10)), up to its epsilon."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 5, 40, generator=g) * 2
+    x = torch.full((2, 5), 39)
+    p = torch.softmax(logits, dim=-1)
+    srt = torch.sort(p, dim=-1, descending=True).values
+    margin = reference.unmask_step(x.clone(), logits=logits, mask_id=39, num_transfer=torch.tensor([0, 0]),
+                                   remasking="topk_margin").confidence  # fmt: skip
+    torch.testing.assert_close(margin, srt[..., 0] - srt[..., 1])
+    entropy = reference.unmask_step(x.clone(), logits=logits, mask_id=39, num_transfer=torch.tensor([0, 0]),
+                                    remasking="entropy").confidence  # fmt: skip
+    torch.testing.assert_close(entropy, (p * torch.log(p + 1e-10)).sum(-1), atol=40 * 1e-10 + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("remasking", DREAM_RULES)
+def test_dream_rules_fused_path_match_reference(device, dtype, remasking):
+    g = torch.Generator().manual_seed(13)
+    B, L, Lr, V, d, start, mask_id = 2, 13, 11, 100, 40, 1, 99
+    x = make_tokens(B, L, V, mask_id, start, Lr, 0.8, g)
+    hidden = torch.randn(B, L, d, generator=g).to(dtype).to(device)[:, start : start + Lr]
+    lm_head = (torch.randn(V, d, generator=g) / 2).to(dtype).to(device)
+    cfg = FUSED_CONFIG if device.type == "cpu" else None
+    ref, _ = run_both(
+        x, device, split_len=32, config=cfg, hidden=hidden, lm_head=lm_head, mask_id=mask_id, start=start,
+        remasking=remasking, atol=2e-6,
+        num_transfer=num_masked(x, start, Lr, mask_id).clamp(max=4).to(device),
+    )  # fmt: skip
+    assert ref.committed.any()
+
+
+@pytest.mark.parametrize("remasking", DREAM_RULES)
+def test_dream_rules_non_finite_logits(device, remasking):
+    g = torch.Generator().manual_seed(5)
+    B, L, V, mask_id = 2, 8, 150, 149
+    x = torch.randint(0, V - 1, (B, L), generator=g)
+    x[:, 1:7] = mask_id
+    kwargs = dict(logits=_non_finite_logits(device, g), mask_id=mask_id, start=1, remasking=remasking,
+                  num_transfer=torch.tensor([3, 3], device=device))  # fmt: skip
+    ref = reference.unmask_step(x.clone().to(device), **kwargs)
+    out = tri.unmask_step(x.clone().to(device), split_len=64, **kwargs)
+    _assert_same_with_nan(ref, out)
+    assert out.committed.sum(dim=1).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("remasking", DREAM_RULES)
+def test_dream_rules_when_sampling_do_not_depend_on_the_draw_or_tiling(device, remasking):
+    """At temperature > 0 the candidate is sampled, the margin / entropy are the row's."""
+    g = torch.Generator().manual_seed(14)
+    B, L, V, mask_id = 2, 10, 130, 129
+    x = torch.full((B, L), mask_id)
+    logits = torch.randn(B, L, V, generator=g).to(device)
+    kwargs = dict(logits=logits, mask_id=mask_id, remasking=remasking, temperature=0.7,
+                  num_transfer=torch.tensor([4, 4], device=device))  # fmt: skip
+    greedy = reference.unmask_step(x.clone().to(device), **{**kwargs, "temperature": 0.0})
+    runs = [
+        tri.unmask_step(
+            x.clone().to(device), split_len=split, generator=torch.Generator(device).manual_seed(3), **kwargs
+        )
+        for split in (64, 128)
+    ]  # fmt: skip
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    for out in runs:
+        torch.testing.assert_close(out.confidence, greedy.confidence, rtol=1e-5, atol=1e-6)
+        assert torch.equal(out.committed, greedy.committed)

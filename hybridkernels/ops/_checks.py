@@ -126,7 +126,8 @@ def skip_value_checks() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- unmask_step
-REMASKING = ("low_confidence", "random")
+# "topk_margin" / "entropy": Dream's confidence rules (top-1 minus top-2 probability, sum p log p).
+REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 
 
 @dataclass(frozen=True)

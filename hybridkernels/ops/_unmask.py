@@ -65,7 +65,12 @@ def unmask_step(
             confident one regardless (Fast-dLLM). Exactly one of ``num_transfer``/``threshold``.
         temperature: 0 = argmax; > 0 samples ``softmax(logits / temperature)`` (Gumbel-max).
             The confidence is always ``softmax(logits)`` at the candidate (LLaDA).
-        remasking: ``"low_confidence"`` (rank by that confidence) or ``"random"`` (a uniform draw).
+        remasking: the ranking score, from ``p = softmax(logits)`` whatever the temperature:
+            ``"low_confidence"`` ``p[candidate]`` (Dream's ``maskgit_plus``), ``"random"`` a uniform
+            draw, ``"topk_margin"`` top-1 minus top-2 probability, ``"entropy"`` ``sum(p log p)``
+            (negative entropy; Dream's rules, see :func:`hybridkernels.reference.unmask_step`).
+            Dream applies its temperature before them: pass ``logits / T`` (or ``hidden / T``)
+            and ``temperature=1``.
         banned_token_ids: tokens whose logit is set to ``-inf`` (LLaDA's ``logits_eos_inf``).
         deferred_token_ids: candidates in this set get confidence ``-inf``: they rank last
             (LLaDA's ``confidence_eos_eot_inf``).

@@ -95,9 +95,12 @@ def unmask_step(
     ``hidden [B, Lr, d] @ lm_head[V, d].T``) predicts ``x[:, start + r]``. Rows holding
     ``mask_id`` are committable. Per row: ``banned_token_ids`` get logit ``-inf``; the candidate
     is the argmax of the logits (temperature 0) or of ``logits / T + Gumbel`` (a sample of
-    ``softmax(logits / T)``); its confidence is ``softmax(logits)[candidate]``
-    (``low_confidence``) or a uniform draw (``random``), and ``-inf`` when the candidate is in
-    ``deferred_token_ids`` (LLaDA's ``confidence_eos_eot_inf``). Then :func:`rank_and_commit`.
+    ``softmax(logits / T)``); its confidence, with ``p = softmax(logits)`` (whatever the
+    temperature), is ``p[candidate]`` (``low_confidence``, Dream's ``maskgit_plus``), a uniform
+    draw (``random``), the top-1 minus the top-2 probability (``topk_margin``, Dream's; 0 when the
+    max occurs twice) or ``sum(p log p)``, the negative entropy (``entropy``, Dream's without its
+    ``+ 1e-10`` inside the log: a difference below ``V * 1e-10``), and ``-inf`` when the candidate
+    is in ``deferred_token_ids`` (LLaDA's ``confidence_eos_eot_inf``). Then :func:`rank_and_commit`.
     """
     if logits is None:
         logits = hidden.float() @ lm_head.float().T
@@ -118,8 +121,18 @@ def unmask_step(
         confidence = probs.gather(-1, candidate[..., None])[..., 0]
     elif remasking == "random":
         confidence = torch.rand((B, Lr), generator=generator, device=logits.device)
+    elif remasking == "topk_margin":
+        top2 = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1).values
+        confidence = top2[..., 0] - top2[..., 1]
+    elif remasking == "entropy":
+        probs = torch.softmax(logits, dim=-1)
+        # 0 log 0 = 0; a NaN softmax (NaN / +inf / all -inf scores) stays NaN.
+        terms = torch.where(probs == 0, 0.0, probs * torch.log_softmax(logits, dim=-1))
+        confidence = terms.sum(dim=-1)
     else:
-        raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+        raise ValueError(
+            f"remasking must be 'low_confidence', 'random', 'topk_margin' or 'entropy', got {remasking!r}"
+        )
     if len(deferred_token_ids):
         deferred = torch.isin(candidate, torch.tensor(list(deferred_token_ids), device=candidate.device))
         confidence = confidence.masked_fill(deferred, float("-inf"))

@@ -55,6 +55,13 @@ COMMIT_BLOCK = 32  # rows per commit program and per step of its ranking loop
 COMMIT_WARPS = 4
 PROGRAMS_PER_SM = 2
 
+# Confidence rules (``remasking``): the candidate's probability, top-1 minus top-2 probability
+# (Dream's ``topk_margin``), ``sum(p log p)`` (Dream's ``entropy``, negative entropy).
+RULE_PROBABILITY: tl.constexpr = tl.constexpr(0)
+RULE_MARGIN: tl.constexpr = tl.constexpr(1)
+RULE_ENTROPY: tl.constexpr = tl.constexpr(2)
+RULES = {"low_confidence": 0, "random": 0, "topk_margin": 1, "entropy": 2}
+
 # Small fixed configurations for the CPU interpreter (it does not autotune).
 INTERPRETER_LOGITS_CONFIG = {"BLOCK_V": 64}
 INTERPRETER_LM_HEAD_CONFIG = {"BLOCK_V": 32, "BLOCK_R": 16, "BLOCK_K": 32}
@@ -76,12 +83,15 @@ def _ban(scores, offs_v, banned_ptr, n_banned):
 
 @triton.jit
 def _fold_tile(
-    scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, seed, inv_temp, V, SAMPLE: tl.constexpr
-):
+    scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, aux, seed, inv_temp, V,
+    SAMPLE: tl.constexpr, RULE: tl.constexpr,
+):  # fmt: skip
     """Fold a ``[BLOCK_V, R]`` tile (vocabulary on axis 0, -inf outside it) into per-row running stats.
 
     ``m``/``arg``: max and its first index; ``s``: sum of ``exp(score - m)``; with ``SAMPLE``,
     ``gmax``/``garg``/``glogit``: max of ``score * inv_temp + Gumbel``, its index and raw score.
+    ``aux`` (the confidence rule's): ``RULE_MARGIN`` the second largest score (the max again when
+    it occurs twice); ``RULE_ENTROPY`` ``sum(exp(score - m) * (score - m))``.
     """
     # NaN scores follow torch.argmax (NaN is the maximum, its first index wins) and make the row's
     # softmax NaN: a row that has seen a NaN keeps m = NaN (sticky) and arg = its first NaN. The
@@ -95,10 +105,15 @@ def _fold_tile(
     t_max, t_arg = tl.max(clean, axis=0, return_indices=True)
     m_clean = tl.where(seen_nan, float("-inf"), m)
     new_m = tl.maximum(m_clean, t_max)
+    if RULE == RULE_MARGIN:
+        t_second = tl.max(tl.where((offs_v - v0)[:, None] == t_arg[None, :], float("-inf"), clean), axis=0)
+        aux = tl.maximum(tl.minimum(m_clean, t_max), tl.maximum(aux, t_second))
     arg = tl.where(t_max > m_clean, v0 + t_arg, arg)  # strict: an earlier tile keeps a tie
     arg = tl.where(t_has_nan, v0 + t_nan_arg, arg)
     arg = tl.where(seen_nan, prev_arg, arg)
     ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+    if RULE == RULE_ENTROPY:
+        aux = _entropy_fold(aux, s, m_clean, ref, scores)
     s = s * tl.exp(m_clean - ref) + tl.sum(tl.exp(scores - ref[None, :]), axis=0)
     now_nan = seen_nan | t_has_nan
     new_m = tl.where(now_nan, float("nan"), new_m)
@@ -116,15 +131,33 @@ def _fold_tile(
         # NaN / T + noise is NaN: the first NaN is the sample (torch.argmax), as above.
         garg = tl.where(t_has_nan & ~seen_nan, v0 + t_nan_arg, garg)
         glogit = tl.where(now_nan, float("nan"), glogit)
-    return new_m, s, arg, gmax, garg, glogit
+    return new_m, s, arg, gmax, garg, glogit, aux
+
+
+@triton.jit
+def _rescale_entropy(aux, s, m_old, ref):
+    """``sum(e^(l - m_old) (l - m_old))`` (``aux``, with ``s = sum e^(l - m_old)``) relative to
+    ``ref >= m_old``: ``e^(m_old - ref) (aux + (m_old - ref) s)``; 0 for an empty sum."""
+    scale = tl.exp(m_old - ref)
+    return tl.where(scale > 0, scale * (aux + (m_old - ref) * s), 0.0)
+
+
+@triton.jit
+def _entropy_fold(aux, s, m_old, ref, scores):
+    """The entropy partial after folding the tile ``scores [BLOCK_V, R]`` at the new max ``ref``."""
+    e = tl.exp(scores - ref[None, :])
+    d = tl.where(e > 0, scores - ref[None, :], 0.0)  # no 0 * -inf
+    return _rescale_entropy(aux, s, m_old, ref) + tl.sum(e * d, axis=0)
 
 
 @triton.jit
 def _store_partials(
-    part_f_ptr, part_i_ptr, idx, mask, n_part, m, s, arg, gmax, garg, glogit, SAMPLE: tl.constexpr
-):
-    """Partials layout: float32 ``[2 or 4, n_part]`` (max, sumexp[, gumbel max, its logit]) and int32
-    ``[1 or 2, n_part]`` (argmax[, gumbel argmax]); ``idx = row * n_splits + split``."""
+    part_f_ptr, part_i_ptr, idx, mask, n_part, m, s, arg, gmax, garg, glogit, aux,
+    SAMPLE: tl.constexpr, RULE: tl.constexpr,
+):  # fmt: skip
+    """Partials layout: float32 ``[2, 4 or 5, n_part]`` (max, sumexp[, gumbel max, its logit]
+    [, the rule's aux at row 4]) and int32 ``[1 or 2, n_part]`` (argmax[, gumbel argmax]);
+    ``idx = row * n_splits + split``."""
     tl.store(part_f_ptr + idx, m, mask=mask)
     tl.store(part_f_ptr + n_part + idx, s, mask=mask)
     tl.store(part_i_ptr + idx, arg, mask=mask)
@@ -132,6 +165,8 @@ def _store_partials(
         tl.store(part_f_ptr + 2 * n_part + idx, gmax, mask=mask)
         tl.store(part_f_ptr + 3 * n_part + idx, glogit, mask=mask)
         tl.store(part_i_ptr + n_part + idx, garg, mask=mask)
+    if RULE != RULE_PROBABILITY:
+        tl.store(part_f_ptr + 4 * n_part + idx, aux, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +193,7 @@ def _logits_partials_kernel(
     stride_lv,
     inv_temp,
     SAMPLE: tl.constexpr,
+    RULE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)  # b * Lr + r
@@ -177,20 +213,23 @@ def _logits_partials_kernel(
     gmax = tl.full([1], float("-inf"), tl.float32)
     garg = tl.zeros([1], tl.int32)
     glogit = tl.full([1], float("-inf"), tl.float32)
+    aux = tl.full([1], float("-inf") if RULE == RULE_MARGIN else 0.0, tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         scores = tl.load(
             base + offs_v[:, None].to(tl.int64) * stride_lv, mask=offs_v[:, None] < v_end, other=float("-inf")
         ).to(tl.float32)
         scores = _ban(scores, offs_v, banned_ptr, n_banned)
-        m, s, arg, gmax, garg, glogit = _fold_tile(
-            scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, seed, inv_temp, V, SAMPLE
+        m, s, arg, gmax, garg, glogit, aux = _fold_tile(
+            scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, aux, seed, inv_temp, V, SAMPLE, RULE
         )
     idx = rows * n_splits + split
-    _store_partials(part_f_ptr, part_i_ptr, idx, rows >= 0, n_part, m, s, arg, gmax, garg, glogit, SAMPLE)
+    _store_partials(
+        part_f_ptr, part_i_ptr, idx, rows >= 0, n_part, m, s, arg, gmax, garg, glogit, aux, SAMPLE, RULE
+    )
 
 
-_logits_partials_tuned = triton.autotune(LOGITS_CONFIGS, key=["V", "split_len", "SAMPLE"])(
+_logits_partials_tuned = triton.autotune(LOGITS_CONFIGS, key=["V", "split_len", "SAMPLE", "RULE"])(
     _logits_partials_kernel
 )
 
@@ -222,6 +261,7 @@ def _lm_head_partials_kernel(
     stride_wv,
     inv_temp,
     SAMPLE: tl.constexpr,
+    RULE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -248,6 +288,7 @@ def _lm_head_partials_kernel(
     gmax = tl.full([BLOCK_R], float("-inf"), tl.float32)
     garg = tl.zeros([BLOCK_R], tl.int32)
     glogit = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    aux = tl.full([BLOCK_R], float("-inf") if RULE == RULE_MARGIN else 0.0, tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
@@ -263,14 +304,16 @@ def _lm_head_partials_kernel(
             h_ptrs += BLOCK_K
         scores = tl.where(v_ok[:, None], acc, float("-inf"))
         scores = _ban(scores, offs_v, banned_ptr, n_banned)
-        m, s, arg, gmax, garg, glogit = _fold_tile(
-            scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, seed, inv_temp, V, SAMPLE
+        m, s, arg, gmax, garg, glogit, aux = _fold_tile(
+            scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, aux, seed, inv_temp, V, SAMPLE, RULE
         )
     idx = rows * n_splits + split
-    _store_partials(part_f_ptr, part_i_ptr, idx, row_ok, n_part, m, s, arg, gmax, garg, glogit, SAMPLE)
+    _store_partials(
+        part_f_ptr, part_i_ptr, idx, row_ok, n_part, m, s, arg, gmax, garg, glogit, aux, SAMPLE, RULE
+    )
 
 
-_LM_HEAD_KEY = ["V", "D", "split_len", "n_part", "SAMPLE"]
+_LM_HEAD_KEY = ["V", "D", "split_len", "n_part", "SAMPLE", "RULE"]
 _lm_head_partials_tuned = {
     False: triton.autotune(LM_HEAD_CONFIGS, key=_LM_HEAD_KEY)(_lm_head_partials_kernel),
     True: triton.autotune(LM_HEAD_CONFIGS_FP32, key=_LM_HEAD_KEY)(_lm_head_partials_kernel),
@@ -301,6 +344,7 @@ def _merge_splits(
     V,
     SAMPLE: tl.constexpr,
     RANDOM: tl.constexpr,
+    RULE: tl.constexpr,
 ):
     """Candidate token and confidence of ``rows`` from their per-split partials (splits in
     vocabulary order, so a strict ``>`` keeps the first index on ties, as torch.argmax)."""
@@ -311,6 +355,7 @@ def _merge_splits(
     garg = tl.zeros(rows.shape, tl.int32)
     glogit = tl.full(rows.shape, float("-inf"), tl.float32)
     nan = tl.zeros(rows.shape, tl.int1)  # a split saw a NaN score (m = NaN, arg = its first NaN)
+    aux = tl.full(rows.shape, float("-inf") if RULE == RULE_MARGIN else 0.0, tl.float32)
     for split in range(n_splits):
         idx = rows * n_splits + split
         p_m = tl.load(part_f_ptr + idx, mask=ok, other=float("-inf"))
@@ -320,6 +365,13 @@ def _merge_splits(
         p_m = tl.where(p_nan, float("-inf"), p_m)
         new_m = tl.maximum(m, p_m)
         ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+        if RULE == RULE_MARGIN:
+            p_aux = tl.load(part_f_ptr + 4 * n_part + idx, mask=ok, other=float("-inf"))
+            p_aux = tl.where(p_aux != p_aux, float("-inf"), p_aux)
+            aux = tl.maximum(tl.minimum(m, p_m), tl.maximum(aux, p_aux))
+        if RULE == RULE_ENTROPY:
+            p_aux = tl.load(part_f_ptr + 4 * n_part + idx, mask=ok, other=0.0)
+            aux = _rescale_entropy(aux, s, m, ref) + _rescale_entropy(p_aux, p_s, p_m, ref)
         s = s * tl.exp(m - ref) + p_s * tl.exp(p_m - ref)
         arg = tl.where(nan, arg, tl.where(p_nan | (p_m > m), p_arg, arg))
         if SAMPLE:
@@ -343,6 +395,10 @@ def _merge_splits(
     else:
         candidate = arg
         confidence = 1.0 / s  # exp(max - max) / sumexp
+    if RULE == RULE_MARGIN:  # (exp(0) - exp(second - max)) / sumexp
+        confidence = (1.0 - tl.exp(aux - m)) / s
+    if RULE == RULE_ENTROPY:  # sum p log p = sum e^(l-m) (l-m) / s - log s
+        confidence = aux / s - tl.log(s)
     confidence = tl.where(ok & bad, float("nan"), confidence)
     if RANDOM:
         _, word, _, _ = tl.randint4x(seed, rows.to(tl.int64) * V)
@@ -355,7 +411,7 @@ def _merge_splits(
 @triton.jit
 def _window_rows(
     committable_ptr, part_f_ptr, part_i_ptr, deferred_ptr, b, offs, Lr, n_splits, n_part, n_deferred, seed, V,
-    SAMPLE: tl.constexpr, RANDOM: tl.constexpr,
+    SAMPLE: tl.constexpr, RANDOM: tl.constexpr, RULE: tl.constexpr,
 ):  # fmt: skip
     """Window rows ``offs`` of sequence ``b``: committable flag, candidate, and ranking confidence
     (-inf unless committable)."""
@@ -375,6 +431,7 @@ def _window_rows(
         V,
         SAMPLE,
         RANDOM,
+        RULE,
     )
     return committable, candidate, tl.where(committable, confidence, float("-inf"))
 
@@ -402,6 +459,7 @@ def _commit_kernel(
     threshold,
     SAMPLE: tl.constexpr,
     RANDOM: tl.constexpr,
+    RULE: tl.constexpr,
     USE_THRESHOLD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -412,7 +470,7 @@ def _commit_kernel(
     seed = tl.load(seed_ptr) if (SAMPLE or RANDOM) else 0
     com_i, cand_i, conf_i = _window_rows(
         committable_ptr, part_f_ptr, part_i_ptr, deferred_ptr, b, offs_i, Lr,
-        n_splits, n_part, n_deferred, seed, V, SAMPLE, RANDOM,
+        n_splits, n_part, n_deferred, seed, V, SAMPLE, RANDOM, RULE,
     )  # fmt: skip
 
     # rank = number of masked rows ahead: higher confidence, or equal and at a lower position.
@@ -421,7 +479,7 @@ def _commit_kernel(
         offs_j = j0 + tl.arange(0, BLOCK)
         com_j, _, conf_j = _window_rows(
             committable_ptr, part_f_ptr, part_i_ptr, deferred_ptr, b, offs_j, Lr,
-            n_splits, n_part, n_deferred, seed, V, SAMPLE, RANDOM,
+            n_splits, n_part, n_deferred, seed, V, SAMPLE, RANDOM, RULE,
         )  # fmt: skip
         # NaN confidences rank first (torch.sort, descending), among themselves by position.
         nan_i = (conf_i != conf_i)[:, None]
@@ -517,6 +575,7 @@ def unmask_step(
     n_rows = B * Lr
     sample = temperature > 0
     random = remasking == "random"
+    rule = RULES[remasking]
     interpret = triton_interpreting()
     if config is None and interpret:
         config = INTERPRETER_LM_HEAD_CONFIG if fused else INTERPRETER_LOGITS_CONFIG
@@ -542,7 +601,7 @@ def unmask_step(
         split_len = _split_length(V, per_split, _target_programs(device), align)
     n_splits = triton.cdiv(V, split_len)
     n_part = n_rows * n_splits
-    part_f = torch.empty((4 if sample else 2, n_part), dtype=torch.float32, device=device)
+    part_f = torch.empty((5 if rule else 4 if sample else 2, n_part), dtype=torch.float32, device=device)
     part_i = torch.empty((2 if sample else 1, n_part), dtype=torch.int32, device=device)
 
     shared = dict(
@@ -558,6 +617,7 @@ def unmask_step(
         n_part=n_part,
         inv_temp=inv_temp,
         SAMPLE=sample,
+        RULE=rule,
         **({} if config is None else config),
     )
     # Triton launches on the current device, not the tensors': guard to x's.
@@ -616,6 +676,7 @@ def unmask_step(
             float(threshold) if use_threshold else 0.0,
             SAMPLE=sample,
             RANDOM=random,
+            RULE=rule,
             USE_THRESHOLD=use_threshold,
             BLOCK=COMMIT_BLOCK,
             num_warps=COMMIT_WARPS,
@@ -676,24 +737,46 @@ def _unmask_compile_cases():
         for sample, configs in ((False, LOGITS_CONFIGS), (True, LOGITS_CONFIGS[:1])):
             for cfg in configs:
                 name = f"unmask_logits_partials[{dname}, sample={sample}, {cfg.kwargs}]"
-                yield _case(_logits_partials_kernel, name, {"SAMPLE": sample, **cfg.kwargs}, cfg, ptr)
+                constexprs = {"SAMPLE": sample, "RULE": 0, **cfg.kwargs}
+                yield _case(_logits_partials_kernel, name, constexprs, cfg, ptr)
+        for rule in (1, 2):  # margin / entropy partials: each path's first config
+            cfg = LOGITS_CONFIGS[0]
+            name = f"unmask_logits_partials[{dname}, rule={rule}, {cfg.kwargs}]"
+            yield _case(
+                _logits_partials_kernel, name, {"SAMPLE": False, "RULE": rule, **cfg.kwargs}, cfg, ptr
+            )
+            cfg = lm_head_configs(dtype)[0]
+            name = f"unmask_lm_head_partials[{dname}, rule={rule}, {cfg.kwargs}]"
+            constexprs = {
+                "SAMPLE": False,
+                "RULE": rule,
+                "DOT_PRECISION": "ieee" if dname == "fp32" else "tf32",
+                **cfg.kwargs,
+            }
+            yield _case(
+                _lm_head_partials_kernel, name, constexprs, cfg, ptr, () if dname == "fp32" else ("wgmma",)
+            )
         tuned = lm_head_configs(dtype)
         for sample, configs in ((False, tuned), (True, tuned[:1])):
             for cfg in configs:
                 name = f"unmask_lm_head_partials[{dname}, sample={sample}, {cfg.kwargs}]"
                 constexprs = {
                     "SAMPLE": sample,
+                    "RULE": 0,
                     "DOT_PRECISION": "ieee" if dname == "fp32" else "tf32",
                     **cfg.kwargs,
                 }
                 hopper = () if dname == "fp32" else ("wgmma",)
                 yield _case(_lm_head_partials_kernel, name, constexprs, cfg, ptr, hopper)
     commit = triton.Config({}, num_warps=COMMIT_WARPS, num_stages=1)
-    for sample, random, use_threshold in ((False, False, False), (False, False, True), (True, True, False)):
-        name = f"unmask_commit[sample={sample}, random={random}, threshold={use_threshold}]"
+    paths = ((False, False, False, 0), (False, False, True, 0), (True, True, False, 0))
+    paths += ((False, False, False, 1), (False, False, True, 2))
+    for sample, random, use_threshold, rule in paths:
+        name = f"unmask_commit[sample={sample}, random={random}, threshold={use_threshold}, rule={rule}]"
         constexprs = {
             "SAMPLE": sample,
             "RANDOM": random,
+            "RULE": rule,
             "USE_THRESHOLD": use_threshold,
             "BLOCK": COMMIT_BLOCK,
         }
