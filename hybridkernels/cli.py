@@ -123,6 +123,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def ints(text):
         return [int(v) for v in text.split(",")] if text else None
 
+    if args.tp is not None:
+        return _bench_tp(args, ints)
     if args.preset == "toy":
         from .bench_toy import run_toy
 
@@ -189,6 +191,111 @@ def _toy_parts(questions, device, dtype):
     return parts, toy.templates, defaults
 
 
+def _tp_setup(args, device):
+    """``--tp N``: join torchrun's process group (timeouts set) and check that every rank got the
+    same command line; returns ``(TPGroup, this rank's device)``, or ``(None, device)`` without
+    ``--tp``. ``ValueError`` (on every rank) when ``N`` is not the launched world size."""
+    if args.tp is None:
+        return None, device
+    import torch
+
+    from .distributed import check_same, init_from_env
+
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        raise ValueError(
+            f"--tp {args.tp} needs {args.tp} processes, launched as "
+            f"torchrun --nproc-per-node {args.tp} hybridkernels {args.command} ... --tp {args.tp} "
+            f"(WORLD_SIZE is {world})"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    tp = init_from_env(device=device.type)
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    check_same(tp, options, "the command line")
+    return tp, device
+
+
+def _tp_parts(args, device, dtype, tp):
+    """The pipeline's parts with the planner and the executor sharded over ``tp`` (each rank reads
+    its slices of the checkpoints; the projector is small and loaded whole)."""
+    from .distributed import TensorParallelTransformer
+    from .models import ARExecutor, LatentProjector
+    from .models.planner import DiffusionPlanner
+
+    if args.planner is None and args.executor is None:
+        parts, templates, defaults = _toy_parts(args.question, device, dtype)
+        planner, executor, projector, p_tok, e_tok = parts
+        p_model = TensorParallelTransformer.from_full_model(planner.model, tp_group=tp)
+        planner = DiffusionPlanner(
+            p_model, mask_id=planner.mask_id, eos_id=planner.eos_id, eot_id=planner.eot_id
+        )
+        executor = ARExecutor(TensorParallelTransformer.from_full_model(executor.model, tp_group=tp))
+        return (planner, executor, projector, p_tok, e_tok), templates, defaults
+    if args.executor is None or (args.mode != "ar" and args.planner is None):
+        raise ValueError(
+            "--tp with model directories needs --executor DIR (and --planner DIR unless --mode ar)"
+        )
+    kw = dict(tp_group=tp, dtype=dtype, device=device)
+    planner = None
+    if args.mode != "ar":
+        planner = DiffusionPlanner(
+            TensorParallelTransformer.from_pretrained(args.planner, causal=False, **kw)
+        )
+    executor = ARExecutor(TensorParallelTransformer.from_pretrained(args.executor, causal=True, **kw))
+    projector = LatentProjector.from_pretrained(args.projector, device=device) if args.projector else None
+    p_tok = (args.planner_tokenizer or args.planner) if planner is not None else None
+    parts = (planner, executor, projector, p_tok, args.executor_tokenizer or args.executor)
+    return parts, None, {"gen_length": 64, "max_new_tokens": 64}
+
+
+def _bench_tp(args, ints) -> int:
+    """``bench --tp N``: per-step time, collectives and tokens/s of the preset's shapes on N ranks."""
+    import torch
+
+    from .bench import PRESETS
+    from .distributed.bench import StepShape, format_rows, measure_steps
+
+    if args.preset == "toy":
+        raise SystemExit("--tp: pick a random-weight preset (--preset tiny, llada-8b or llama-8b)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        tp, device = _tp_setup(args, device)
+    except ValueError as exc:
+        print(f"hybridkernels bench: error: {exc}", file=sys.stderr)
+        return 2
+    preset = PRESETS[args.preset]
+    batch, gen = ints(args.batch), ints(args.gen_length)
+    shape = StepShape(
+        batch=batch[0] if batch else preset.batches[0],
+        prompt=preset.prompt_len,
+        gen=gen[0] if gen else preset.gen_lengths[0],
+        block=preset.block_length,
+        new=max(preset.answer_tokens, 16),
+    )
+    rows = measure_steps(
+        tp, planner=preset.planner, executor=preset.executor, dtype=preset.dtype, device=device, shape=shape
+    )
+    gathered = tp.all_gather_object(rows)
+    if tp.rank == 0:
+        print(f"preset {args.preset}, {shape}, {tp.world_size} ranks (rank 0 shown):")
+        print(format_rows(tp.world_size, rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"preset": args.preset, "shape": vars(shape), "ranks": gathered}, f, indent=2)
+    _tp_finish(tp)
+    return 0
+
+
+def _tp_finish(tp) -> None:
+    import torch.distributed as dist
+
+    if tp is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _load_pipeline_parts(args, device, dtype):
     from .models import ARExecutor, LatentProjector
     from .models.planner import DiffusionPlanner
@@ -225,11 +332,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import HybridPipeline
 
+    tp = None
     try:
         device, dtype = _torch_setup(args)
+        tp, device = _tp_setup(args, device)
         toy = args.planner is None and args.executor is None
         templates, defaults = None, {"gen_length": 64, "max_new_tokens": 64}
-        if toy:
+        if tp is not None:
+            parts, templates, tp_defaults = _tp_parts(args, device, dtype, tp)
+            defaults = tp_defaults if toy else defaults
+        elif toy:
             print(
                 "hybridkernels generate: no --planner/--executor given: the shipped toy Countdown models "
                 "(hybridkernels.toy; a question is 'a,b,c,target')",
@@ -261,8 +373,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         out = pipe(args.question)
     except (ValueError, TypeError, OSError) as exc:
-        print(f"hybridkernels generate: error: {exc}", file=sys.stderr)
+        rank = "" if tp is None else f" (rank {tp.rank})"
+        print(f"hybridkernels generate: error{rank}: {exc}", file=sys.stderr)
+        _tp_finish(tp)
         return 2
+    _tp_finish(tp)
+    if tp is not None and tp.rank != 0:
+        return 0  # every rank computed the same answers; rank 0 prints them
     stats = dataclasses.asdict(out.stats) | {
         "tokens_per_s": out.stats.tokens_per_s,
         "seconds_per_question": out.stats.seconds_per_question,
@@ -455,6 +572,11 @@ def _add_pipeline_parsers(sub) -> None:
     gen.add_argument("--seed", type=int, help="executor sampling seed")
     gen.add_argument("--naive", action="store_true", help="run the naive reference loops (baseline)")
     gen.add_argument("--json", action="store_true", help="print answers, plans and stats as JSON")
+    gen.add_argument(
+        "--tp",
+        type=int,
+        help="tensor-parallel ranks: launch as torchrun --nproc-per-node N hybridkernels generate ... --tp N",
+    )
     gen.set_defaults(func=cmd_generate)
 
     tp = sub.add_parser(
@@ -530,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write rows, environment and probes to this JSON file")
     bench.add_argument("--markdown", help="write a markdown table to this file")
     bench.add_argument("--plot", help="write tokens/s plots to this PNG (needs matplotlib)")
+    bench.add_argument(
+        "--tp",
+        type=int,
+        help="tensor-parallel ranks (torchrun --nproc-per-node N hybridkernels bench --preset P --tp N): "
+        "per-step time, collectives and tokens/s of the preset's shapes",
+    )
     bench.set_defaults(func=cmd_bench)
 
     _add_pipeline_parsers(sub)  # generate, train-projector

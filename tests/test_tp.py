@@ -393,3 +393,14 @@ def test_tp_group_outside_torchrun():
     with pytest.raises(TypeError, match="tp_group"):
         TPGroup.of("nccl")
     assert TPGroup.of(None).world_size == 1
+
+
+def test_cli_tp_without_torchrun_is_one_error_line(capsys, monkeypatch):
+    from hybridkernels.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["generate", "6,3,9,27", "--tp", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--tp 2 needs 2 processes" in err and "torchrun --nproc-per-node 2" in err
+    assert main(["bench", "--preset", "tiny", "--tp", "0", "--device", "cpu"]) == 2
+    assert "--tp must be >= 1" in capsys.readouterr().err
