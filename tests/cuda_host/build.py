@@ -32,6 +32,7 @@ CXXFLAGS = [
     "-std=c++17",
     "-O1",
     "-g",
+    "-fno-var-tracking-assignments",  # halves the compile time; line numbers stay exact
     "-fno-omit-frame-pointer",
     "-Wno-unknown-pragmas",  # #pragma unroll
     "-DHK_WITH_CUDA",  # common.h declares the CUDA entry points
