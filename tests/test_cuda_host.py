@@ -245,6 +245,13 @@ __global__ void block_sum(float* out) {
   out[blockIdx.x * 64 + threadIdx.x] = partial[0] + partial[1];
 }
 
+// Atomics across blocks and threads (an int literal into an unsigned counter, as CUDA allows).
+__global__ void atomics(unsigned* count, float* sum, long long* top) {
+  atomicAdd(count, 1);
+  atomicAdd(sum, 0.5f);
+  atomicMax(top, (long long)(blockIdx.x * blockDim.x + threadIdx.x));
+}
+
 int main(int argc, char** argv) {
   const char* mode = argc > 1 ? argv[1] : "";
   float* out = new float[32];
@@ -265,6 +272,16 @@ int main(int argc, char** argv) {
   if (!strcmp(mode, "block_sum")) {
     block_sum<<<2, 64>>>(wide);
     for (int i = 0; i < 128; ++i) ok = ok && wide[i] == 2016.f;
+    checked = true;
+  }
+  if (!strcmp(mode, "atomics")) {
+    unsigned* count = new unsigned(0);
+    long long* top = new long long(-1);
+    wide[0] = 0.f;
+    atomics<<<3, 40>>>(count, wide, top);
+    ok = *count == 120 && wide[0] == 60.f && *top == 119;
+    delete count;
+    delete top;
     checked = true;
   }
   if (!strcmp(mode, "bad_launch")) {
@@ -315,7 +332,7 @@ def test_harness_reports_broken_kernels(broken, mode, seed):
         assert r.returncode == EMULATOR_ERROR, r.stderr  # reported, not hung or crashed
 
 
-@pytest.mark.parametrize("mode", ["block_sum", "bad_launch"])
+@pytest.mark.parametrize("mode", ["block_sum", "atomics", "bad_launch"])
 def test_harness_passes_correct_kernels(broken, mode):
     r = subprocess.run([str(broken), mode], capture_output=True, text=True, env=_env(5), timeout=60)
     assert r.returncode == 0 and "result ok" in r.stdout, (r.stdout, r.stderr)

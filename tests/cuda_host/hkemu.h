@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 // ---------------------------------------------------------------------------------------------
@@ -87,14 +88,16 @@ inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 
-// CUDA's min / max overloads for integers and floats (both arguments of one type).
-template <typename T>
-inline T min(T a, T b) {
-  return b < a ? b : a;
+// CUDA's min / max overloads for integers and floats (mixed arguments: their common type).
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  using T = std::common_type_t<A, B>;
+  return T(b) < T(a) ? T(b) : T(a);
 }
-template <typename T>
-inline T max(T a, T b) {
-  return a < b ? b : a;
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  using T = std::common_type_t<A, B>;
+  return T(a) < T(b) ? T(b) : T(a);
 }
 
 // Cache-hinted loads and stores: plain accesses on the host (ASan checks them).
@@ -126,33 +129,40 @@ inline void __stcg(T* p, T v) {
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 
-// Atomics: fibers never preempt each other, so a plain read-modify-write is atomic.
+// Atomics: fibers never preempt each other, so a plain read-modify-write is atomic. The value
+// is not deduced (atomicAdd(&unsigned_counter, 1) converts, as CUDA's overloads do).
+namespace hkemu {
 template <typename T>
-inline T atomicAdd(T* p, T v) {
+struct Same {
+  using type = T;
+};
+}  // namespace hkemu
+template <typename T>
+inline T atomicAdd(T* p, typename hkemu::Same<T>::type v) {
   const T old = *p;
   *p = old + v;
   return old;
 }
 template <typename T>
-inline T atomicMax(T* p, T v) {
+inline T atomicMax(T* p, typename hkemu::Same<T>::type v) {
   const T old = *p;
   if (old < v) *p = v;
   return old;
 }
 template <typename T>
-inline T atomicMin(T* p, T v) {
+inline T atomicMin(T* p, typename hkemu::Same<T>::type v) {
   const T old = *p;
   if (v < old) *p = v;
   return old;
 }
 template <typename T>
-inline T atomicExch(T* p, T v) {
+inline T atomicExch(T* p, typename hkemu::Same<T>::type v) {
   const T old = *p;
   *p = v;
   return old;
 }
 template <typename T>
-inline T atomicCAS(T* p, T compare, T v) {
+inline T atomicCAS(T* p, typename hkemu::Same<T>::type compare, typename hkemu::Same<T>::type v) {
   const T old = *p;
   if (old == compare) *p = v;
   return old;
