@@ -152,6 +152,8 @@ def init_from_env(
     ``gloo``. On CUDA the rank's device is ``cuda:LOCAL_RANK``. ``timeout_s`` bounds every
     collective (and the rendezvous), so a missing or stuck rank fails instead of hanging.
     Without torchrun's variables (``WORLD_SIZE`` unset) it returns :meth:`TPGroup.single`.
+    Torch's default random generator is seeded with rank 0's seed on every rank (the ranks must
+    draw the same numbers); generators you pass to the planner must be seeded alike too.
     """
     if "WORLD_SIZE" not in os.environ:
         return TPGroup.single()
@@ -175,7 +177,11 @@ def init_from_env(
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s), **kw
         )
-    return TPGroup()
+    group = TPGroup()
+    # Every rank must draw the same random numbers (Gumbel noise, remasking draws, samples):
+    # torch's default generators start from rank 0's seed.
+    torch.manual_seed(group.all_gather_object(torch.initial_seed())[0])
+    return group
 
 
 def fingerprint(value) -> str:

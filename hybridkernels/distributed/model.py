@@ -9,7 +9,7 @@ caches see the rank's heads only; ``config.vocab_size`` stays the model's (token
 What it adds for the fast paths (the planner and the executor pick them through the model):
 
 * :meth:`unmask_step`: ``ops.unmask_step`` with the vocabulary split across ranks (per-rank
-  partials, one all-gather of ``[B, Lr, 8]`` floats, the merge, the same commit on every rank).
+  partials, one all-gather of ``[B, Lr, 7]`` float64, the merge, the same commit on every rank).
 * :meth:`next_tokens`: the executor's token choice: at temperature 0 a vocabulary-parallel argmax
   (one all-gather of ``[N, 2]``); sampled, the full logits are gathered (``[N, V]``) and
   :func:`hybridkernels.common.sample_tokens` draws exactly as on one device.
@@ -194,9 +194,13 @@ class TensorParallelTransformer(Transformer):
         every rank. At temperature 0 without gathering logits (each rank's max and first argmax,
         one all-gather of ``[N, 2]``, the first maximum in vocabulary order wins, as
         ``torch.argmax``); sampled via the gathered logits (the exponential race over the whole
-        vocabulary is drawn from ``generator`` exactly as on one device)."""
+        vocabulary is drawn from ``generator`` exactly as on one device; rank 0's draw is used
+        on every rank)."""
         if temperature:
-            return sample_tokens(self.logits(hidden), temperature, top_k, top_p, generator)
+            tokens = sample_tokens(self.logits(hidden), temperature, top_k, top_p, generator)
+            # Rank 0's draw everywhere (N int64): ranks whose generators were seeded differently
+            # (ARExecutor.generate(seed=None) seeds each afresh) still emit the same tokens.
+            return self.tp.all_gather(tokens)[0]
         from .unmask import merge_argmax
 
         local = self.local_logits(hidden).float()

@@ -3,8 +3,8 @@
 Each rank scores its vocabulary rows ``[v0, v1)`` (``hidden @ lm_head_shard.T``) and reduces every
 row of the window to the partials the Triton kernel keeps per vocabulary split: the max, its
 first (global) index, the sum of ``exp(score - max)``, and at temperature > 0 the max of
-``score / T + Gumbel``, its index and its raw score. One all-gather of those ``[B, Lr, 6]``
-float64 values (``[N_ranks, B, Lr, 6]``: 48 bytes per row and rank, whatever ``V``), then every rank
+``score / T + Gumbel``, its index and its raw score. One all-gather of those ``[B, Lr, 7]``
+float64 values (``[N_ranks, B, Lr, 7]``: 56 bytes per row and rank, whatever ``V``), then every rank
 runs the same merge (ranks in vocabulary order: the first maximum wins ties, as ``torch.argmax``)
 and the reference's commit (:func:`hybridkernels.reference.unmask.rank_and_commit`), so every
 rank writes the same tokens.
@@ -15,7 +15,12 @@ reference's draw for ``v``: every rank draws the reference's whole ``[B, Lr, V]`
 same generator and keeps its columns, so the generator advances as on one device); confidences
 are the same softmax up to float rounding (the sum of exponentials is summed rank by rank), so the
 committed rows are identical unless two rows' confidences are within an ulp. The ``random``
-remasking draw comes after the noise, as in the reference.
+remasking draw comes after the noise, as in the reference (rank 0's, gathered with the partials).
+
+Randomness: every rank must hold the same generator state (``init_from_env`` seeds torch's default
+generator alike on every rank); a rank seeded differently draws its shard's noise differently,
+which still gives every rank the same tokens (the merge reads the gathered partials) but not the
+single-device op's.
 
 This is the reference (torch) path, on any device. On CUDA the single-device op is the Triton
 kernel, whose Gumbel noise is counter-based (``tl.rand(seed, row * V + token)``); a rank-split
@@ -25,6 +30,7 @@ in the report of issue 18) and is not here yet.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -36,9 +42,10 @@ from ..validation import check_tensor
 from .group import TPGroup
 
 OP = "vocab_parallel_unmask_step"
-# Partials, per (row, rank): max, argmax, sumexp, gumbel max, gumbel argmax, gumbel argmax's score.
-M, ARG, SUMEXP, GMAX, GARG, GLOGIT = range(6)
-N_PARTIALS = 6
+# Partials, per (row, rank): max, argmax, sumexp, gumbel max, gumbel argmax, gumbel argmax's score,
+# and the rank's ``random`` remasking draw (rank 0's is used).
+M, ARG, SUMEXP, GMAX, GARG, GLOGIT, RANDOM = range(7)
+N_PARTIALS = 7
 
 
 def shard_partials(
@@ -46,7 +53,7 @@ def shard_partials(
 ) -> torch.Tensor:
     """Partials of one vocabulary shard: ``scores [..., V_r]`` float32 (banned tokens already
     ``-inf``), ``noise [..., V_r]`` float64 Gumbel draws (None at temperature 0) -> float64
-    ``[..., 6]`` (indices global: ``+ vocab_start``)."""
+    ``[..., 7]`` (indices global: ``+ vocab_start``)."""
     m, arg = scores.max(dim=-1)  # NaN is the maximum, its first index (torch's rule)
     # A shard of -inf only (banned tokens) sums exp(-inf - 0) = 0; +inf and NaN rows are NaN.
     ref = torch.where(torch.isfinite(m) | m.isnan(), m, torch.zeros_like(m))
@@ -73,7 +80,7 @@ def merge_argmax(parts: torch.Tensor) -> torch.Tensor:
 
 
 def merge_partials(parts: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``parts [N_ranks, ..., 6]`` -> (candidate int64 ``[...]``, softmax confidence float32 ``[...]``
+    """``parts [N_ranks, ..., 7]`` -> (candidate int64 ``[...]``, softmax confidence float32 ``[...]``
     of the candidate; NaN when the row's softmax is NaN: a NaN or +inf score, or only -inf)."""
     m = parts[..., M].float()
     top = m.max(dim=0).values  # NaN propagates
@@ -152,20 +159,23 @@ def vocab_parallel_unmask_step(
         generator=generator,
     )
     scores = hidden.float() @ lm_head_shard.float().T  # [B, Lr, V_r], as the reference's product
-    local_banned = [t - vocab_start for t in args.banned_token_ids if vocab_start <= t < vocab_stop]
+    local_banned = tuple(t - vocab_start for t in args.banned_token_ids if vocab_start <= t < vocab_stop)
     if local_banned:
-        scores[..., local_banned] = float("-inf")
+        scores.index_fill_(-1, _ids(local_banned, x.device), float("-inf"))
     sample = args.temperature > 0
     noise = None
     if sample:
         full = gumbel_noise((B, Lr, vocab_size), generator=args.generator, device=x.device)
         noise = full[..., vocab_start:vocab_stop]
-    parts = group.all_gather(shard_partials(scores, vocab_start, noise, args.temperature))
+    partials = shard_partials(scores, vocab_start, noise, args.temperature)
+    if args.remasking == "random":
+        partials[..., RANDOM] = torch.rand((B, Lr), generator=args.generator, device=x.device)
+    parts = group.all_gather(partials)
     candidate, confidence = merge_partials(parts, sample)
     if args.remasking == "random":
-        confidence = torch.rand((B, Lr), generator=args.generator, device=x.device)
+        confidence = parts[0, ..., RANDOM].float()  # rank 0's draw, the same on every rank
     if args.deferred_token_ids:
-        deferred = torch.tensor(args.deferred_token_ids, device=x.device)
+        deferred = _ids(args.deferred_token_ids, x.device)
         confidence = confidence.masked_fill(torch.isin(candidate, deferred), float("-inf"))
 
     window = x[:, args.start : args.start + Lr]
@@ -175,5 +185,11 @@ def vocab_parallel_unmask_step(
     committed = rank_and_commit(
         confidence, committable, num_transfer=args.num_transfer, threshold=args.threshold
     )
-    window[committed] = tokens[committed]
+    window.copy_(torch.where(committed, tokens, window))  # no boolean indexing: no host sync
     return UnmaskResult(x, committed, tokens, confidence)
+
+
+@functools.lru_cache(maxsize=64)
+def _ids(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Token ids as an int64 tensor on ``device``, made once (a CUDA graph capture copies nothing)."""
+    return torch.tensor(ids, dtype=torch.int64, device=device)
