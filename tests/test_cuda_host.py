@@ -381,3 +381,14 @@ def test_rewrite_launches_and_shared_keeps_lines():
 def test_rewrite_rejects_what_it_cannot_emulate(src, message):
     with pytest.raises(hkemu_build.RewriteError, match=message):
         hkemu_build.rewrite_cuda(src, "k.cu")
+
+
+def test_every_csrc_kernel_has_emulation_cases():
+    """A kernel added to csrc/ must get cases here (and a launcher call in driver.cpp)."""
+    kernels = set()
+    for src in sorted(hkemu_build.CSRC.glob("*.cu")):
+        kernels |= set(
+            re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", src.read_text())
+        )
+    covered = {"decode_split_kernel", "decode_merge_kernel", "kv_append_kernel", "kv_append_rope_kernel"}
+    assert kernels == covered, f"kernels without host-emulation cases: {sorted(kernels - covered)}"
