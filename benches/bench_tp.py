@@ -73,7 +73,8 @@ def _worker(rank, world, port, batch, results):
 
 
 def _spawn(world: int, batch: int) -> list[dict]:
-    ctx = mp.get_context("spawn")
+    # fork on the CPU (the children start with torch imported); CUDA and NCCL need spawn.
+    ctx = mp.get_context("spawn" if ON_GPU or torch.cuda.is_initialized() else "fork")
     results = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -404,3 +404,36 @@ def test_cli_tp_without_torchrun_is_one_error_line(capsys, monkeypatch):
     assert "--tp 2 needs 2 processes" in err and "torchrun --nproc-per-node 2" in err
     assert main(["bench", "--preset", "tiny", "--tp", "0", "--device", "cpu"]) == 2
     assert "--tp must be >= 1" in capsys.readouterr().err
+
+
+def test_torchrun_generate_equals_one_process(tmp_path, capsys):
+    """``torchrun --nproc-per-node 2 hybridkernels generate ... --tp 2`` (init_from_env, the
+    command-line check, each rank loading its slices) prints what one process prints."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hybridkernels.cli import main
+    from hybridkernels.models.checkpoint import read_config
+    from hybridkernels.toy import toy_dir
+
+    toy = Path(toy_dir())
+    executor = tmp_path / "executor"  # the toy executor has 1 kv head: a 2 kv-head random one
+    model = Transformer(read_config(toy / "executor").replace(num_kv_heads=2))
+    model.reset_parameters(std=0.1, generator=torch.Generator().manual_seed(0))
+    save_pretrained(model, executor)
+    for f in ("special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy / "executor" / f, executor / f)
+    args = ["generate", "6,3,9,27", "--planner", str(toy / "planner"), "--executor", str(executor)]
+    args += ["--mode", "text", "--gen-length", "8", "--max-new-tokens", "4", "--device", "cpu", "--json"]
+    assert main(args) == 0
+    expected = json.loads(capsys.readouterr().out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+    cmd += [str(_free_port()), "-m", "hybridkernels.cli", *args, "--tp", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout[run.stdout.index("{") :])  # rank 0 prints, the others not
+    assert (got["plans"], got["answers"]) == (expected["plans"], expected["answers"])
