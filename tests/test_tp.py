@@ -2,8 +2,9 @@
 
 One spawn per world size runs every scenario (spawning is the slow part) and returns plain lists:
 
-* planner (LLaDA names; no cache, prefix, dual, threshold, sampled with a seed) and executor (Qwen2
-  names: GQA, q/k/v biases, tied embeddings, an uneven vocabulary split; greedy left-padded,
+* planner (LLaDA names; no cache, prefix, dual, threshold, sampled with a seed) and executor (HF
+  Llama names: GQA, q/k/v/o and MLP biases, tied embeddings, an uneven vocabulary split, two
+  safetensors shards with an index; greedy left-padded,
   sampled with a seed, shared-prefix samples): exactly the tokens of one process
   (``DiffusionPlanner`` / ``ARExecutor`` on ``Transformer.from_pretrained``), the same on every rank;
 * the vocabulary-parallel unmask partial merge against ``reference.unmask_step`` on the full
@@ -92,15 +93,18 @@ def executor_model() -> Transformer:
         num_kv_heads=4,
         head_dim=64,  # the _C decode kernels' head dim
         qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
         tie_word_embeddings=True,
-        family="qwen2",
+        family="llama",
     )
     model = Transformer(config)
-    model.reset_parameters(std=0.3, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    model.reset_parameters(std=0.3, generator=g)
     with torch.no_grad():
-        for layer in model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # column-parallel biases are split, row-parallel ones added once
+                p.normal_(0, 0.3, generator=g)
     return model.eval()
 
 
