@@ -364,12 +364,13 @@ class StaticDecodeKernels:
         self.lse = torch.empty(B, num_heads, dtype=torch.float32, device=k_cache.device)
         self.out_strides = list(self.out.stride()[1:])
         self.out_ptrs = [self.out[i].data_ptr() for i in range(layers)]
+        self.outputs = [self.out[i][:, None] for i in range(layers)]  # [B, 1, Hq, D] views
         self.lse_strides = list(self.lse.stride())
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append ``k``/``v [B, 1, Hkv, D]`` at ``append_at`` of layer ``layer``'s cache, attend
         ``q [B, 1, Hq, D]`` (head dim contiguous) over each row's first ``cache_lens`` slots;
-        returns layer ``layer``'s static ``out [B, Hq, D]`` (valid until the next step)."""
+        returns layer ``layer``'s static output, ``[B, 1, Hq, D]`` (valid until the next step)."""
         kc, vc = self.k_ptrs[layer], self.v_ptrs[layer]
         strides = self.cache_strides
         _C.kv_append(kc, vc, k.data_ptr(), v.data_ptr(), self.append_at, self.cache_shape, 1,
@@ -383,4 +384,4 @@ class StaticDecodeKernels:
             strides, strides, self.prefix_strides, self.prefix_strides, self.out_strides,
             self.lse_strides, self.scale, self.dtype, 3, self.splits, self.device, self.stream,
         )  # fmt: skip
-        return self.out[layer]
+        return self.outputs[layer]

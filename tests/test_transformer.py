@@ -562,3 +562,26 @@ def test_fused_projections_follow_loads_moves_and_training():
     for name, p in check.named_parameters():
         if "proj" in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_apply_rotary_is_bitwise_apply_rope():
+    """The forward's RoPE (sign moved into the table, roll instead of chunk/neg/cat) gives
+    exactly apply_rope's values: strided head views of a fused projection, batch 3, odd L, fp32
+    and bf16."""
+    from hybridkernels.models.config import TransformerConfig as Cfg
+    from hybridkernels.models.transformer import (
+        apply_rope,
+        apply_rotary,
+        rope_cos_sin,
+        rope_inv_freq,
+        signed_sin,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    inv = rope_inv_freq(Cfg.from_dict(SHAPE | {"model_type": "llama"}))
+    for dtype in (torch.float32, torch.bfloat16):
+        pos = torch.randint(0, 500, (3, 7), generator=g)
+        cos, sin = rope_cos_sin(inv, pos, dtype)
+        qkv = torch.randn(3, 7, 8, 32, generator=g).to(dtype)
+        x = qkv[:, :, :6]  # q and k heads of a fused [B, L, Hq + 2 Hkv, D] product
+        assert torch.equal(apply_rotary(x, cos, signed_sin(sin)), apply_rope(x, cos, sin))

@@ -317,7 +317,8 @@ class ARExecutor:
         else:
             logits = self.model.logits(hidden) if logits is None else logits
             sampled = sample_tokens(logits, p.temperature, p.top_k, p.top_p, s.generator)
-        tokens = emit_tokens(sampled, s.finished, s.eos_ids, p.pad)
+        # Without EOS ids no row ever finishes: the tokens are the sampled ones.
+        tokens = sampled if s.eos_ids is None else emit_tokens(sampled, s.finished, s.eos_ids, p.pad)
         s.out.index_copy_(1, s.col, tokens[:, None])
         s.col += 1
         s.tok.copy_(tokens)

@@ -179,7 +179,7 @@ class DecodeHook:
             and v.stride(-1) == 1
             and not torch.compiler.is_compiling()
         ):
-            return direct(layer, q, k, v)[:, None]
+            return direct(layer, q, k, v)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         ops.kv_append(k_cache, v_cache, k, v, self.append_at, backend=self.decode_backend)
         prefix = None

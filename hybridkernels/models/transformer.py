@@ -110,6 +110,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin [..., D]`` (HF's ``cat(s, s)``) -> ``cat(-s, s)``, the table of :func:`apply_rotary`."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with the sign of rotate-half moved into the table (``signed_sin``):
+    ``x * cos + roll(x, D/2) * cat(-s, s)``, bitwise the same values (``(-a) * b == a * (-b)``)
+    in 4 ops instead of 6 (chunk, neg, cat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
 class Attention(nn.Module):
     def __init__(self, config: TransformerConfig, layer: int, *, device=None, dtype=None):
         super().__init__()
@@ -151,18 +164,18 @@ class Attention(nn.Module):
             qkv = F.linear(x, *fused).view(B, L, Hq + 2 * Hkv, D)
             v = qkv[:, :, Hq + Hkv :]
             if self.q_norm is None:  # RoPE on q and k in one pass over their heads
-                qk = apply_rope(qkv[:, :, : Hq + Hkv], cos, sin)
+                qk = apply_rotary(qkv[:, :, : Hq + Hkv], cos, sin)
                 q, k = qk[:, :, :Hq], qk[:, :, Hq:]
             else:
                 q, k = self.q_norm(qkv[:, :, :Hq]), self.k_norm(qkv[:, :, Hq : Hq + Hkv])
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         else:
             q = self.q_proj(x).view(B, L, Hq, D)
             k = self.k_proj(x).view(B, L, Hkv, D)
             v = self.v_proj(x).view(B, L, Hkv, D)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             out = kv_cache.attend(self.layer, q, k, v)
         else:
@@ -513,6 +526,7 @@ class Transformer(nn.Module):
         position_ids = self._check_positions(position_ids, B, L, x.device)
 
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
+        sin = signed_sin(sin)  # the blocks rotate with apply_rotary
         attn_kw = dict(
             key_padding_mask=mask,
             causal=self.causal if causal is None else bool(causal),
