@@ -196,6 +196,16 @@ def test_kernel_compile_cases_cover_every_head_dim_and_dtype():
             assert f"attn_merge_splits[{dtype},D={d}]" in names
 
 
+def test_compile_cases_compile_the_block_causal_kernel():
+    """The causal block size is a runtime int in every compiled case (not specialised to 1), and
+    the causal masking code is on: the compile check covers ``block_causal=b``."""
+    pytest.importorskip("triton")
+    from hybridkernels.triton import attention
+
+    cases = [c for c in attention._compile_cases() if c.name.startswith("attn_fwd[")]
+    assert cases and all(c.signature["causal_block"] == "i32" and c.constexprs["CAUSAL"] for c in cases)
+
+
 # ------------------------------------------------------------------------------------ dispatch
 
 

@@ -471,8 +471,10 @@ def _attn_signature(dtype: torch.dtype, out_dtype: str) -> dict[str, str]:
 @compile_cases
 def _compile_cases():
     """Every autotune config x dtype x head dim of the attention kernel (causal + key mask: the
-    superset of the masking code; output in the input dtype; split partials differ only in
-    storing fp32), and the split merge per output dtype and head dim."""
+    superset of the masking code; the causal block size ``causal_block`` is a runtime i32, so these
+    compiles are the ``block_causal=b`` kernels too, ``causal=True`` being ``b = 1``; output in the
+    input dtype; split partials differ only in storing fp32), and the split merge per output dtype
+    and head dim."""
     for dtype, name in _TRITON_DTYPES.items():
         hopper = ("wgmma",) if dtype != torch.float32 else ()
         for head_dim in HEAD_DIMS:
