@@ -25,6 +25,13 @@ schedule                   window             per step
 ``ThresholdSchedule``      block by block     confidence >= threshold, at least one (Fast-dLLM)
 ``ParallelForcedSchedule`` whole generation   at least ``k`` tokens, ranked over the whole
                                               generation (NAP's parallel-forced decoding)
+``DreamSchedule``          whole generation   Dream's ``int(n * (1 - s / t))`` over
+                                              ``linspace(1, eps, steps + 1)``, ``n`` the
+                                              batch's mean mask count (or, ``origin``, each
+                                              mask with probability ``1 - s / t``)
+``DreamBlockSchedule``     block by block     Fast-dLLM's Dream blocks: the block's first
+                                              position, then the threshold rule or Dream's
+                                              count over the block's timesteps
 =========================  =================  ==============================================
 """
 
@@ -48,6 +55,8 @@ class StepPlan:
     stage: index of the window (block) being denoised; step: the step within it.
     start, stop: the window ``x[:, start:stop]``; the scores passed must cover exactly these rows.
     num_transfer: int64 ``[B]`` tokens to commit per sequence, or None when ``threshold`` is set.
+    transfer_probability: Dream's ``origin`` rule instead: float32 0-dim tensor, each masked
+        position of the window is committed when its uniform draw is below it.
     """
 
     stage: int
@@ -56,6 +65,7 @@ class StepPlan:
     stop: int
     num_transfer: torch.Tensor | None = None
     threshold: float | None = None
+    transfer_probability: torch.Tensor | None = None
 
     def kwargs(self) -> dict:
         """``start`` and the rule, as ``unmask_step`` keywords."""
@@ -248,3 +258,132 @@ class ParallelForcedSchedule(Schedule):
         split = get_num_transfer_tokens(masked, steps_left)[:, 0]
         num_transfer = torch.minimum(torch.clamp(split, min=self.k), left)
         return StepPlan(stage, step, start, stop, num_transfer=num_transfer)
+
+
+def dream_timesteps(steps: int, eps: float, device) -> torch.Tensor:
+    """Dream's float32 ``linspace(1, eps, steps + 1)`` on ``device`` (as Dream computes it)."""
+    return torch.linspace(1, eps, steps + 1, device=device)
+
+
+def dream_num_transfer(masked: torch.Tensor, ts: torch.Tensor, i: int, last: bool) -> torch.Tensor:
+    """Dream's count of step ``i``, int64 ``[B]``, on the device: ``n = masked.sum() / B`` (the
+    *batch's* mean mask count, float32), ``int(n * (1 - ts[i + 1] / ts[i]))``, ``int(n)`` at the
+    last step; capped at each row's own masks (Dream would write ``mask_id`` over committed
+    tokens of a row with fewer; rows only differ when the model proposed the mask token)."""
+    n = masked.sum() / masked.shape[0]
+    k = n if last else n * (1 - ts[i + 1] / ts[i])
+    return torch.minimum(k.long(), masked.sum(dim=1))
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    return float(eps)
+
+
+class DreamSchedule(Schedule):
+    """Dream's ``diffusion_generate`` (no blocks): one window, the whole generation, ``steps``
+    steps from time 1 to ``eps``. Step ``i`` commits :func:`dream_num_transfer` tokens per row (the
+    confidence rules), or with ``origin=True`` every masked position with probability
+    ``1 - s / t`` (1 at the last step; the plan's ``transfer_probability``).
+
+    ``first`` (a stale position before the window) is ignored: the window is the whole generation.
+    """
+
+    def __init__(self, gen_start: int, gen_len: int, steps: int, eps: float = 1e-3, *, origin: bool = False):
+        super().__init__(gen_start, gen_len, gen_len)
+        self.steps = check_positive_int("", "steps", steps)
+        self.eps = _check_eps(eps)
+        self.origin = bool(origin)
+
+    def num_steps(self, stage: int) -> int:
+        return self.steps
+
+    def plan(self, x, mask_id, stage, step):
+        start, stop, masked = self._masked(x, mask_id, stage)
+        if not 0 <= step < self.steps:
+            raise ValueError(f"step must be in [0, {self.steps}), got {step}")
+        ts = dream_timesteps(self.steps, self.eps, x.device)
+        last = step == self.steps - 1
+        if self.origin:
+            p = torch.ones((), device=x.device) if last else 1 - ts[step + 1] / ts[step]
+            return StepPlan(stage, step, start, stop, transfer_probability=p)
+        return StepPlan(stage, step, start, stop, num_transfer=dream_num_transfer(masked, ts, step, last))
+
+    def stage_plans(self, x, mask_id, stage, *, first=None, skip_idle=False):
+        """Each step from ``x`` as it is; ``skip_idle`` leaves out steps committing nothing (one host
+        read of the count per step)."""
+        for step in range(self.steps):
+            plan = self.plan(x, mask_id, stage, step)
+            if skip_idle and plan.num_transfer is not None and not bool(plan.num_transfer.any()):
+                continue
+            yield plan
+
+
+class DreamBlockSchedule(Schedule):
+    """Fast-dLLM's Dream block sampler (``generation_utils_block.py``). Each block ``[s, e)``:
+
+    * step 0 commits position ``s`` (the plan's window ``[s, s + 1)``, one token);
+    * then, on the window ``[s + 1, e)``, until the block holds no mask (a host check per step):
+      with ``threshold``, every masked position whose confidence is ``>= threshold`` and the most
+      confident one (Fast-dLLM's ``confidence_threshold``); else steps ``i = 1 .. S - 1`` of
+      ``linspace(1, eps, S + 1)``, ``S = steps / num_blocks``, each committing
+      :func:`dream_num_transfer` of the block's masks (all of them at ``i = S - 1``).
+
+    With ``S == 1`` and no threshold only position ``s`` of each block is committed (as Fast-dLLM).
+    ``first`` is ignored (the blocks never leave a stale mask unless the model proposes it).
+    """
+
+    def __init__(
+        self,
+        gen_start: int,
+        gen_len: int,
+        block_len: int,
+        steps: int,
+        eps: float = 1e-3,
+        threshold: float | None = None,
+    ):
+        super().__init__(gen_start, gen_len, block_len)
+        self.steps = check_positive_int("", "steps", steps)
+        if steps % self.num_stages:
+            raise ValueError(
+                f"steps ({steps}) must be a multiple of the number of blocks ({self.num_stages})"
+            )
+        self.eps = _check_eps(eps)
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold)
+        ):
+            raise ValueError(f"threshold must be a number or None, got {threshold!r}")
+        self.threshold = None if threshold is None else float(threshold)
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_stages
+
+    def num_steps(self, stage: int) -> int:
+        return self.block_len if self.threshold is not None else self.steps_per_block
+
+    def plan(self, x, mask_id, stage, step):
+        start, stop, masked = self._masked(x, mask_id, stage)
+        if step == 0:
+            return StepPlan(stage, 0, start, start + 1, num_transfer=masked[:, 0].long())
+        if self.threshold is not None:
+            return StepPlan(stage, step, start + 1, stop, threshold=self.threshold)
+        S = self.steps_per_block
+        if not 0 < step < S:
+            raise ValueError(f"step must be in [0, {S}), got {step}")
+        ts = dream_timesteps(S, self.eps, x.device)
+        # Fast-dLLM counts the block's masks (position s included), the window is [s + 1, e).
+        k = torch.minimum(dream_num_transfer(masked, ts, step, step == S - 1), masked[:, 1:].sum(dim=1))
+        return StepPlan(stage, step, start + 1, stop, num_transfer=k)
+
+    def stage_plans(self, x, mask_id, stage, *, first=None, skip_idle=False):
+        start, stop = self.window(stage)
+        yield self.plan(x, mask_id, stage, 0)
+        for step in range(1, self.num_steps(stage)):
+            if not bool((x[:, start:stop] == mask_id).any()):
+                return
+            plan = self.plan(x, mask_id, stage, step)
+            if skip_idle and plan.num_transfer is not None and not bool(plan.num_transfer.any()):
+                continue
+            yield plan

@@ -39,7 +39,9 @@ MAX_SIZES = {
     "head_dim": 2**12,
 }
 MAX_POSITIONS = 2**26
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llada")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "llada", "dream")
+# Dream-v0-*-7B (HKUNLP): a Qwen2 stack, config ``model_type: "Dream"``; its <|mask|> token.
+DREAM_MASK_ID = 151666
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -130,14 +132,21 @@ class TransformerConfig:
     # ----------------------------------------------------------------------------- reading
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides) -> TransformerConfig:
-        """Parse an HF (Llama / Mistral / Qwen2 / Qwen3) or LLaDA config dict.
+        """Parse an HF (Llama / Mistral / Qwen2 / Qwen3), Dream or LLaDA config dict.
 
         ``overrides`` replace parsed fields (e.g. ``causal=False`` to run Llama bidirectionally).
         """
         if not isinstance(d, Mapping):
             raise TypeError(f"TransformerConfig.from_dict: expected a dict, got {type(d).__name__}")
         model_type = str(d.get("model_type", "")).lower()
-        if model_type == "llada" or "d_model" in d:
+        if model_type == "dream" and "d_model" in d:
+            raise ValueError(
+                "TransformerConfig.from_dict: the config mixes families: model_type 'Dream' (a Qwen2 "
+                "stack) with LLaDA's key 'd_model'"
+            )
+        if model_type == "dream":
+            kwargs = _from_hf(d, "qwen2") | _dream_extras(d)
+        elif model_type == "llada" or "d_model" in d:
             kwargs = _from_llada(d)
         elif model_type in ("llama", "mistral", "qwen2", "qwen3"):
             kwargs = _from_hf(d, model_type)
@@ -157,6 +166,8 @@ class TransformerConfig:
             return self._to_llada_dict()
         if family not in FAMILIES:
             raise ValueError(f"to_dict: family must be one of {FAMILIES}, got {family!r}")
+        if family == "dream":
+            return self._to_dream_dict()
         d: dict[str, Any] = {
             "model_type": family,
             "vocab_size": self.vocab_size,
@@ -189,6 +200,19 @@ class TransformerConfig:
         if self.eos_token_ids:
             eos = self.eos_token_ids
             d["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
+        return d
+
+    def _to_dream_dict(self) -> dict[str, Any]:
+        """Dream's ``config.json``: Qwen2's keys, ``model_type: "Dream"`` and its special tokens."""
+        d = self.to_dict("qwen2")
+        eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        d.update(
+            model_type="Dream",
+            architectures=["DreamModel"],
+            mask_token_id=self.mask_token_id if self.mask_token_id is not None else DREAM_MASK_ID,
+            pad_token_id=eos,
+            bos_token_id=eos,
+        )
         return d
 
     def _to_llada_dict(self) -> dict[str, Any]:
@@ -324,6 +348,17 @@ def _from_hf(d: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         eos_token_ids=_eos_ids(d.get("eos_token_id")),
         initializer_range=float(d.get("initializer_range", 0.02)),
     )
+
+
+def _dream_extras(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Dream's keys over Qwen2's: the family, its mask token (151666 when absent, Dream's default),
+    bidirectional attention."""
+    mask = d.get("mask_token_id", DREAM_MASK_ID)
+    if isinstance(mask, bool) or not isinstance(mask, int) or mask < 0:
+        raise ValueError(
+            f"TransformerConfig.from_dict: Dream mask_token_id must be an int >= 0, got {mask!r}"
+        )
+    return {"family": "dream", "mask_token_id": mask, "causal": False}
 
 
 # LLaDA (OLMo-style) options the Llama-family stack cannot represent: key -> accepted values.

@@ -8,6 +8,12 @@ step commits is the :class:`~hybridkernels.schedules.Schedule`'s business (built
 :func:`hybridkernels.ops.unmask_step` on the window's rows (no ``[B, L, V]`` logits), guidance on
 hidden states, Fast-dLLM's prefix / dual K/V cache, and CUDA-graph steps (see :meth:`_step`).
 At temperature 0 without a cache the tokens equal ``llada_generate``'s.
+
+The Dream family (a Dream checkpoint, ``family="dream"``) runs Dream's sampler on the same machinery:
+its schedules (:class:`~hybridkernels.schedules.DreamSchedule`, Fast-dLLM's
+:class:`~hybridkernels.schedules.DreamBlockSchedule`) and its step (:mod:`.dream`: windows scored by
+the hidden rows shifted by one). At temperature 0 without a cache its tokens equal
+``reference.dream_generate``'s, with the block options ``reference.dream_block_generate``'s.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from .. import ops
 from ..common import rank_and_commit
 from ..ops import skip_value_checks
 from ..validation import check_attention_mask, check_token_ids
+from . import checkpoint
 from .cuda_graphs import StepGraphs
 from .diffusion_cache import DiffusionKVCache
+from .dream import DreamStepKey, dream_step, dream_step_key
 from .one_at_a_time import OneCallAtATime, one_at_a_time
-from .planner_options import WHERE, PlannerOptions
+from .planner_options import FAMILIES, WHERE, PlannerOptions
 from .transformer import Transformer, default_position_ids
 
 
@@ -92,6 +100,7 @@ class _StepKey:
     threshold: float | None
     banned: tuple[int, ...]
     deferred: tuple[int, ...]
+    dream: DreamStepKey | None = None
 
 
 class _Workspace:
@@ -108,7 +117,8 @@ class _Workspace:
         self.valid = torch.ones(cfg_rows, L, dtype=torch.bool, device=device) if has_mask else None
         self.pos = torch.empty(cfg_rows, L, dtype=torch.long, device=device)
         self.all_slots = torch.arange(L, device=device)
-        self.slots: dict[int, torch.Tensor] = {}
+        self.slots: dict[tuple[int, str], torch.Tensor] = {}
+        self.p_transfer: torch.Tensor | None = None  # Dream's origin rule
         self.num_transfer = torch.zeros(B, dtype=torch.long, device=device)
         self.no_transfer = torch.zeros(B, dtype=torch.long, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)
@@ -138,11 +148,11 @@ class _Workspace:
             self.valid[:, :Lp] = (attention_mask != 0).repeat(rows // B, 1)
         self.pos.copy_(default_position_ids(self.valid, self.pos.shape[0], self.length, self.x.device))
 
-    def window(self, start: int, stop: int) -> torch.Tensor:
-        """The static slot tensor ``[stop - start]`` of a window (one per length), set to it."""
-        slots = self.slots.get(stop - start)
+    def window(self, start: int, stop: int, tag: str = "") -> torch.Tensor:
+        """The static slot tensor ``[stop - start]`` of a window (one per length and ``tag``), set to it."""
+        slots = self.slots.get((stop - start, tag))
         if slots is None:
-            slots = self.slots[stop - start] = torch.empty(
+            slots = self.slots[(stop - start, tag)] = torch.empty(
                 stop - start, dtype=torch.long, device=self.x.device
             )
         slots.copy_(self.all_slots[start:stop])
@@ -150,10 +160,13 @@ class _Workspace:
 
 
 class DiffusionPlanner:
-    """Masked-diffusion generation (LLaDA) with a :class:`~hybridkernels.models.Transformer`.
+    """Masked-diffusion generation (LLaDA, Dream) with a :class:`~hybridkernels.models.Transformer`.
 
     Args:
         model: the planner's transformer (run bidirectionally whatever its ``causal`` default).
+        family: ``"llada"`` (LLaDA's sampler; any Llama-family model) or ``"dream"`` (Dream's:
+            shifted logits, its schedule and ``alg`` options); None: ``"dream"`` for a Dream
+            config (``model_type: "Dream"``), else ``"llada"``.
         mask_id, eos_id, eot_id: special tokens; default from ``model.config``
             (``mask_token_id``, ``eos_token_ids[0]``, ``eot_token_id``).
         backend: backend of every op the planner runs, attention and unmask (``"triton"``,
@@ -173,10 +186,14 @@ class DiffusionPlanner:
         eos_id: int | None = None,
         eot_id: int | None = None,
         backend: str | None = None,
+        family: str | None = None,
     ):
         if not isinstance(model, Transformer):
             raise TypeError(f"DiffusionPlanner: model must be a Transformer, got {type(model).__name__}")
         c = model.config
+        self.family = _family_of(c.family) if family is None else family
+        if self.family not in FAMILIES:
+            raise ValueError(f"DiffusionPlanner: family must be one of {FAMILIES} or None, got {family!r}")
         V = c.vocab_size
         self.model = model
         defaults = {
@@ -205,13 +222,27 @@ class DiffusionPlanner:
         eos_id: int | None = None,
         eot_id: int | None = None,
         backend: str | None = None,
+        family: str | None = None,
         **kwargs,
     ) -> DiffusionPlanner:
-        """Load a LLaDA (or any Llama-family) checkpoint directory. ``mask_id``/``eos_id``/``eot_id``
-        and ``backend`` as in the constructor; ``kwargs`` go to :meth:`Transformer.from_pretrained`
+        """Load a LLaDA (or any Llama-family) or Dream checkpoint directory. ``mask_id``/``eos_id``/
+        ``eot_id`` and ``backend`` as in the constructor; ``family`` (``"llada"``/``"dream"``) is
+        what the directory must hold (``ValueError`` saying what it holds otherwise), None: what
+        its ``config.json`` says; ``kwargs`` go to :meth:`Transformer.from_pretrained`
         (``dtype``, ``device``, ...)."""
+        held = checkpoint.read_config(path, kwargs.get("config_overrides")).family
+        if family is not None:
+            if family not in FAMILIES:
+                raise ValueError(f"{_LOAD}: family must be one of {FAMILIES} or None, got {family!r}")
+            if _family_of(held) != family:
+                what = {"dream": "a Dream checkpoint (model_type 'Dream')", "llada": "a LLaDA checkpoint"}
+                raise ValueError(
+                    f"{_LOAD}: {path} holds {what.get(held, f'a {held} checkpoint')}, "
+                    f"not a {'Dream' if family == 'dream' else 'LLaDA-family'} one (family={family!r}); "
+                    "pass family=None to load what it holds"
+                )
         model = Transformer.from_pretrained(path, causal=False, attention_backend=backend, **kwargs)
-        return cls(model, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, backend=backend)
+        return cls(model, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, backend=backend, family=family)
 
     def release(self) -> None:
         """Free the cached buffers and CUDA graphs."""
@@ -301,7 +332,10 @@ class DiffusionPlanner:
           window's start to the end) against the buffer, so only the prefix is as of the refresh.
         * Guidance combines the final hidden states, ``h_u + (s + 1) (h_c - h_u)``, before the
           (linear) LM head: LLaDA's ``u + (s + 1) (c - u)`` on logits, up to rounding.
+        * The Dream family's step is :func:`.dream.dream_step`.
         """
+        if key.dream is not None:
+            return dream_step(self, ws, key, full, slots, queries, generator)
         model, x, Lp = self.model, ws.x, ws.prompt_length
         ids = x
         if key.cfg_scale > 0:
@@ -374,6 +408,7 @@ class _Run:
     def __init__(self, planner, prompt_ids, attention_mask, options: PlannerOptions, generator, cuda_graph):
         self.planner = p = planner
         o = self.options = options
+        o.check_family(p.family)
         _check_prompt(prompt_ids, attention_mask, p.model, p.mask_id)
         for option, ids in (
             ("logits_eos_inf", ("eos_id",)),
@@ -386,11 +421,22 @@ class _Run:
                     f"{WHERE}: {option} needs the planner's {missing[0]} (pass it to DiffusionPlanner)"
                 )
         B, Lp = prompt_ids.shape
-        self.schedule = o.make_schedule(Lp)
+        self.schedule = o.make_schedule(Lp, p.family)
+        self.dream = None
+        if p.family == "dream":
+            self.dream = dream_step_key(o, blocks=o.dream_blocks)
 
         device = p.model.device
+        # Dream's origin and alg_temp steps size their draws on the host: no graph capture.
+        host_sized = self.dream is not None and (self.dream.rule is None or self.dream.alg_temp is not None)
         if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and not (o.randomness and generator is not None)
+            cuda_graph = (
+                device.type == "cuda" and not (o.randomness and generator is not None) and not host_sized
+            )
+        elif cuda_graph and host_sized:
+            raise ValueError(
+                f"{WHERE}: cuda_graph=True cannot capture Dream's alg='origin' or alg_temp steps"
+            )
         elif cuda_graph and device.type != "cuda":
             raise ValueError(f"{WHERE}: cuda_graph=True needs the model on a CUDA device, it is on {device}")
         elif cuda_graph and o.randomness and generator is not None:
@@ -418,7 +464,13 @@ class _Run:
     def step_key(self, threshold: float | None) -> _StepKey:
         o = self.options
         return _StepKey(
-            float(o.temperature), float(o.cfg_scale), o.remasking, threshold, self.banned, self.deferred
+            float(o.temperature),
+            float(o.cfg_scale),
+            o.remasking,
+            threshold,
+            self.banned,
+            self.deferred,
+            self.dream,
         )
 
     def blocks(self) -> Iterator[PlannerBlock]:
@@ -438,9 +490,15 @@ class _Run:
                 if (plan.start, plan.stop) != rows:
                     rows, slots = (plan.start, plan.stop), ws.window(plan.start, plan.stop)
                     # The prefix cache's cached steps also recompute the masked suffix.
-                    queries = ws.window(plan.start, ws.length) if o.cache == "prefix" else slots
+                    if self.dream is not None:  # Dream's window is scored from the row before it
+                        end = ws.length if o.cache == "prefix" else plan.stop
+                        queries = ws.window(plan.start - 1, end, tag="queries")
+                    else:
+                        queries = ws.window(plan.start, ws.length) if o.cache == "prefix" else slots
                 if plan.num_transfer is not None:
                     ws.num_transfer.copy_(plan.num_transfer)
+                if plan.transfer_probability is not None:
+                    ws.p_transfer = plan.transfer_probability
                 full = (
                     o.cache is None
                     or window_steps == 0
@@ -506,6 +564,14 @@ class _Run:
             seconds=time.perf_counter() - started,
         )
         return PlannerOutput(tokens, hidden, stats, self.Lp)
+
+
+_LOAD = "DiffusionPlanner.from_pretrained"
+
+
+def _family_of(config_family: str) -> str:
+    """The planner family of a :class:`TransformerConfig` family: Dream's, or LLaDA's for the rest."""
+    return "dream" if config_family == "dream" else "llada"
 
 
 def _ends_in_eos(gen: torch.Tensor, eos_id: int) -> torch.Tensor:

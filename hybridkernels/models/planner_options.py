@@ -10,13 +10,35 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..schedules import LLaDASchedule, ParallelForcedSchedule, Schedule, ThresholdSchedule
+from ..schedules import (
+    DreamBlockSchedule,
+    DreamSchedule,
+    LLaDASchedule,
+    ParallelForcedSchedule,
+    Schedule,
+    ThresholdSchedule,
+)
 from ..validation import check_bool, check_choice, check_number, check_positive_int
 
 WHERE = "DiffusionPlanner.generate"
 CACHES = (None, "prefix", "dual")
 SCHEDULES = ("block", "parallel")
 REMASKING = ("low_confidence", "random")
+FAMILIES = ("llada", "dream")
+# Dream's diffusion_generate algorithms; what each ranks by in ops.unmask_step ("origin": none).
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+DREAM_RULES = {"maskgit_plus": "low_confidence", "topk_margin": "topk_margin", "entropy": "entropy"}
+DEFAULT_DREAM_ALG = "entropy"
+DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k", "eps")
+# LLaDA-only options and their defaults (a Dream planner refuses other values).
+LLADA_ONLY = {
+    "cfg_scale": 0.0,
+    "remasking": "low_confidence",
+    "schedule": "block",
+    "parallel_k": None,
+    "logits_eos_inf": False,
+    "confidence_eos_eot_inf": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +68,21 @@ class PlannerOptions:
         EOS); once every sequence is so, the remaining windows are skipped.
     logits_eos_inf: EOS is never sampled. confidence_eos_eot_inf: EOS / EoT candidates are
         committed last (both as in LLaDA).
+
+    Dream's options (a Dream planner only; Dream's ``diffusion_generate`` names, ``gen_length`` is
+    its ``max_new_tokens``):
+
+    alg: ``"origin"`` (each mask committed with probability ``1 - s / t``), ``"maskgit_plus"``
+        (max probability), ``"topk_margin"`` (top-1 minus top-2), ``"entropy"`` (negative
+        entropy); None: ``"entropy"`` (``"maskgit_plus"`` with a ``threshold``, the only rule
+        Fast-dLLM's threshold sampler has). Without ``block_length``/``cache``/``threshold`` the steps
+        are Dream's own (:class:`~hybridkernels.schedules.DreamSchedule`), else Fast-dLLM's Dream
+        blocks (:class:`~hybridkernels.schedules.DreamBlockSchedule`; ``origin`` has no block rule).
+    alg_temp: > 0: the committed positions are drawn from ``softmax(confidence / alg_temp)``.
+    top_p, top_k: Dream's filters, applied (after ``/ temperature``) before the token and its
+        confidence; they need the window's logits (``[B, window, V]`` float32, not fused).
+    eps: the last timestep of ``linspace(1, eps, steps + 1)``.
+    Dream's ``temperature`` also scales the confidence (``softmax(logits / T)``), unlike LLaDA's.
     """
 
     gen_length: int = 128
@@ -62,6 +99,11 @@ class PlannerOptions:
     eos_early_stop: bool = False
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
+    alg: str | None = None
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
 
     def __post_init__(self):
         for name in ("gen_length", "steps"):
@@ -113,12 +155,75 @@ class PlannerOptions:
                 check_positive_int(WHERE, "parallel_k", self.parallel_k)
         elif self.parallel_k is not None:
             raise ValueError(f"{WHERE}: parallel_k is only for schedule='parallel'")
+        self._check_dream()
         num_windows = self.gen_length // self.window_length
         if self.steps % num_windows:
             raise ValueError(
                 f"{WHERE}: steps ({self.steps}) must be a multiple of the number of blocks "
                 f"({num_windows} = gen_length / block_length)"
             )
+
+    def _check_dream(self) -> None:
+        if self.alg is not None:
+            check_choice(WHERE, "alg", self.alg, DREAM_ALGS)
+            for name, default in LLADA_ONLY.items():
+                if _differs(self, name, default):
+                    raise ValueError(
+                        f"{WHERE}: {name}={getattr(self, name)!r} is a LLaDA option, alg={self.alg!r} "
+                        f"a Dream one: the options mix families"
+                    )
+        if self.alg_temp is not None:
+            check_number(WHERE, "alg_temp", self.alg_temp, low=0)
+        if self.top_p is not None:
+            check_number(WHERE, "top_p", self.top_p, low=0)
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"{WHERE}: top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None:
+            check_positive_int(WHERE, "top_k", self.top_k)
+        check_number(WHERE, "eps", self.eps, low=0)
+        if not 0 < self.eps < 1:
+            raise ValueError(f"{WHERE}: eps must be in (0, 1), got {self.eps!r}")
+
+    def check_family(self, family: str) -> None:
+        """``ValueError`` naming the first option that is not ``family``'s (``"llada"``/``"dream"``)."""
+        check_choice(WHERE, "family", family, FAMILIES)
+        if family == "llada":
+            for name in DREAM_ONLY:
+                default = 1e-3 if name == "eps" else None
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{WHERE}: {name} is a Dream option; this planner's model is LLaDA-family "
+                        f"(pass the options of its family, or load a Dream checkpoint)"
+                    )
+            return
+        for name, default in LLADA_ONLY.items():
+            if _differs(self, name, default):
+                raise ValueError(
+                    f"{WHERE}: {name}={getattr(self, name)!r} is a LLaDA option; this planner's model is "
+                    "Dream (its options: alg, alg_temp, top_p, top_k, eps, temperature, steps, "
+                    "block_length, threshold, cache)"
+                )
+        if self.dream_alg == "origin" and self.dream_blocks:
+            raise ValueError(
+                f"{WHERE}: alg='origin' has no block rule (block_length, threshold and cache use "
+                "Fast-dLLM's Dream blocks); give another alg"
+            )
+        if self.cache_refresh is not None:
+            raise ValueError(f"{WHERE}: cache_refresh is not a Dream option (a block refreshes once)")
+        if self.threshold is not None and self.alg not in (None, "maskgit_plus"):
+            raise ValueError(
+                f"{WHERE}: threshold ranks by the max probability (Fast-dLLM's confidence_threshold); "
+                f"alg must be None or 'maskgit_plus' with it, got alg={self.alg!r}"
+            )
+
+    @property
+    def dream_alg(self) -> str:
+        return DEFAULT_DREAM_ALG if self.alg is None else self.alg
+
+    @property
+    def dream_blocks(self) -> bool:
+        """Whether a Dream generation runs Fast-dLLM's blocks (else Dream's own schedule)."""
+        return self.block_length is not None or self.cache is not None or self.threshold is not None
 
     @property
     def window_length(self) -> int:
@@ -127,8 +232,11 @@ class PlannerOptions:
 
     @property
     def randomness(self) -> bool:
-        """Whether a step draws random numbers (sampling or random remasking)."""
-        return self.temperature > 0 or self.remasking == "random"
+        """Whether a step draws random numbers (sampling, random remasking, Dream's ``origin`` or
+        ``alg_temp``)."""
+        return (
+            self.temperature > 0 or self.remasking == "random" or self.alg == "origin" or bool(self.alg_temp)
+        )
 
     def replace(self, **changes) -> PlannerOptions:
         """A copy with ``changes`` (validated); ``TypeError`` naming an unknown option."""
@@ -138,8 +246,9 @@ class PlannerOptions:
             raise TypeError(f"{WHERE}: unknown option(s) {unknown}; PlannerOptions has {known}")
         return dataclasses.replace(self, **changes)
 
-    def make_schedule(self, gen_start: int) -> Schedule:
-        """The decoding rule over ``x[:, gen_start : gen_start + gen_length]``."""
+    def make_schedule(self, gen_start: int, family: str = "llada") -> Schedule:
+        """The decoding rule over ``x[:, gen_start : gen_start + gen_length]`` for a ``family``
+        (``"llada"`` or ``"dream"``) planner."""
         if isinstance(self.schedule, Schedule):
             if self.schedule.gen_start != gen_start:
                 raise ValueError(
@@ -147,9 +256,23 @@ class PlannerOptions:
                     f"at {gen_start} (the prompt length)"
                 )
             return self.schedule
+        if family == "dream":
+            if not self.dream_blocks:
+                return DreamSchedule(
+                    gen_start, self.gen_length, self.steps, self.eps, origin=self.dream_alg == "origin"
+                )
+            return DreamBlockSchedule(
+                gen_start, self.gen_length, self.window_length, self.steps, self.eps, self.threshold
+            )
         if self.schedule == "parallel":
             k = max(1, self.gen_length // self.steps) if self.parallel_k is None else self.parallel_k
             return ParallelForcedSchedule(gen_start, self.gen_length, k, self.steps)
         if self.threshold is not None:
             return ThresholdSchedule(gen_start, self.gen_length, self.window_length, self.threshold)
         return LLaDASchedule(gen_start, self.gen_length, self.window_length, self.steps)
+
+
+def _differs(options: PlannerOptions, name: str, default) -> bool:
+    """Whether LLaDA-only option ``name`` is set (a given :class:`Schedule` drives any family)."""
+    value = getattr(options, name)
+    return not (name == "schedule" and isinstance(value, Schedule)) and value != default

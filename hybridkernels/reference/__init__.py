@@ -1,6 +1,7 @@
 """Plain-torch definitions of every op: the spec the kernels are tested against."""
 
 from .attention import bidirectional_attention, decode_attention
+from .dream import dream_block_generate, dream_generate
 from .kv_cache import kv_append
 from .llada import LLaDAStats, llada_generate
 from .unmask import UnmaskResult, get_num_transfer_tokens, rank_and_commit, unmask_step
@@ -15,4 +16,6 @@ __all__ = [
     "unmask_step",
     "LLaDAStats",
     "llada_generate",
+    "dream_generate",
+    "dream_block_generate",
 ]
