@@ -121,7 +121,9 @@ def test_stop_token_ends_a_row_after_its_block(family):
     ids, mask = _prompts(2, 6, seed=2, short=(4,))
     free = planner.generate(ids, mask, gen_length=24, threshold=0.2)
     stop = int(free.generated[0, 9])  # row 0 makes this token in its third generated block
-    out = planner.generate(ids, mask, gen_length=24, threshold=0.2, stop_token_ids=(stop,))
+    out = planner.generate(
+        ids, mask, gen_length=24, threshold=0.2, stop_token_ids=(stop,), return_hidden=True
+    )
     ref = block_diffusion_generate(
         planner.model,
         ids,
@@ -129,6 +131,7 @@ def test_stop_token_ends_a_row_after_its_block(family):
         **planner.reference_kwargs(gen_length=24, threshold=0.2, stop_token_ids=(stop,)),
     )
     assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.hidden, ref.hidden, atol=1e-4, rtol=1e-4)  # the padding's too
     b = planner.block_length
     for r in range(2):
         gen, n = out.generated[r], int(mask[r].sum())
@@ -155,6 +158,32 @@ def test_triton_attention_and_unmask_backends_match_the_reference():
         model, ids, mask, **planner.reference_kwargs(gen_length=8, threshold=0.2, steps=2)
     )
     assert torch.equal(out.tokens, ref.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
+def test_cuda_cached_equals_naive_loop_on_the_kernels(family):
+    """On a GPU: Triton block-causal attention and unmask kernels (fp32 model: exact at T = 0),
+    then a bf16 run that must finish and agree with the naive loop on most tokens."""
+    from hybridkernels import ops
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _model(family, seed=5, dtype=dtype).cuda()
+        planner = BlockDiffusionPlanner(
+            model, family=family, mask_id=MASK, block_length=4 if family == "sdar" else 8, stop_token_ids=()
+        )
+        ids, mask = _prompts(2, 7, seed=5, short=(3,))
+        ids, mask = ids.cuda(), mask.cuda()
+        kw = dict(gen_length=16, threshold=0.2)
+        out = planner.generate(ids, mask, **kw)
+        ref = block_diffusion_generate(
+            model, ids, mask, attention=ops.attention, **planner.reference_kwargs(**kw)
+        )
+        if dtype == torch.float32:
+            assert torch.equal(out.tokens, ref.tokens)
+        else:
+            assert not (out.generated == MASK).any()
+            assert (out.tokens == ref.tokens).float().mean() > 0.5
 
 
 def test_temperature_sampling_is_reproducible_with_a_generator():

@@ -417,6 +417,7 @@ class BlockDiffusionPlanner:
             generator=generator,
             backend=self.unmask_backend,
         )
+        ar = dict(temperature=0.0, generator=None)
         k_steps = [rule.sub] if shift else _sdar_split(b, rule.steps)
         passes, committed = 0, []
 
@@ -442,8 +443,8 @@ class BlockDiffusionPlanner:
             s0, s1 = i * b, (i + 1) * b
             if shift and last_h is not None:  # the block's first token, AR-style
                 at_start = (x[:, s0] == mask_id).long()
-                if bool(at_start.any()):
-                    ops.unmask_step(x, hidden=last_h, start=s0, num_transfer=at_start, **unmask)
+                if bool(at_start.any()):  # an argmax at any temperature, as the peer
+                    ops.unmask_step(x, hidden=last_h, start=s0, num_transfer=at_start, **(unmask | ar))
             windows = (
                 [(max(a, s0 + 1), a + rule.sub) for a in range(s0, s1, rule.sub)] if shift else [(s0, s1)]
             )
