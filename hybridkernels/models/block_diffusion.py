@@ -436,7 +436,10 @@ class BlockDiffusionPlanner:
 
         first = min(lengths) // b
         last_h = run(0, first * b)[:, -1:] if first > 0 else None
-        done = torch.zeros(B, dtype=torch.bool)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        starts_t = torch.tensor(lengths, device=device)
+        ends_t = torch.tensor(ends, device=device)
+        cols = torch.arange(L, device=device)
         num_blocks = L // b
         i = first
         while i < num_blocks:
@@ -458,12 +461,11 @@ class BlockDiffusionPlanner:
                     rows = h[:, w0 - 1 - s0 : w1 - 1 - s0] if shift else h[:, w0 - s0 : w1 - s0]
                     self._commit(x, rows, w0, masked, left, rule, k_steps[0 if shift else step], unmask)
                     committed.append(left - (x[:, w0:w1] == mask_id).sum(dim=1))
-            if rule.stops:
-                for r in range(B):
-                    if not done[r] and lengths[r] < s1 <= ends[r]:
-                        done[r] = bool(torch.isin(x[r, lengths[r] : s1], stops).any())
-                    if done[r]:
-                        x[r, max(s1, lengths[r]) : ends[r]] = pad
+            if rule.stops:  # rows with a stop token in their generation are done after this block
+                generating = (starts_t < s1) & (s1 <= ends_t)
+                hit = (torch.isin(x[:, :s1], stops) & (cols[:s1] >= starts_t[:, None])).any(dim=1)
+                done |= hit & generating
+                x.masked_fill_(done[:, None] & (cols >= s1) & (cols < ends_t[:, None]), pad)
             i += 1
             if bool(done.all()):
                 if hidden_all is not None:  # the finished blocks and the padding after them
