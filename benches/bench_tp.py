@@ -141,4 +141,4 @@ def test_communication_volume():
             for n, c in by_n.items()
         )
         print(f"{name}: {cells}")
-    assert rows["LLaDA-8B dual-cache step, block 32, B=1"][8]["all_gather_bytes"] == 32 * 7 * 8
+    assert rows["LLaDA-8B dual-cache step, block 32, B=1"][8]["all_gather_bytes"] == 32 * 9 * 8

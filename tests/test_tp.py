@@ -8,8 +8,9 @@ One spawn per world size runs every scenario (spawning is the slow part) and ret
   sampled with a seed, shared-prefix samples): exactly the tokens of one process
   (``DiffusionPlanner`` / ``ARExecutor`` on ``Transformer.from_pretrained``), the same on every rank;
 * the vocabulary-parallel unmask partial merge against ``reference.unmask_step`` on the full
-  vocabulary (random scores; top-k, threshold, Gumbel sampling, random remasking, banned tokens
-  covering a whole shard, deferred tokens, padding rows);
+  vocabulary (random scores; top-k, threshold, Gumbel sampling, random remasking, Dream's
+  topk_margin and entropy, banned tokens covering a whole shard, deferred tokens, unmasked rows,
+  a maximum tied across shards);
 * loading: each rank's tensors equal the full checkpoint's slices, and the bytes it read;
 * errors on every rank, never a hang: a world size that does not divide the kv heads, ranks that
   disagree on their arguments.
@@ -160,6 +161,8 @@ UNMASK_CASES = {
     "random": dict(num_transfer=torch.tensor([3, 3, 1]), remasking="random", temperature=0.5, seed=2),
     "banned-shard": dict(num_transfer=torch.tensor([2, 2, 2]), banned_token_ids=list(range(0, 10)) + [33]),
     "deferred": dict(num_transfer=torch.tensor([4, 4, 4]), deferred_token_ids=[1, 7, 20, 30]),
+    "topk-margin": dict(num_transfer=torch.tensor([2, 3, 1]), remasking="topk_margin"),
+    "entropy": dict(num_transfer=torch.tensor([1, 2, 4]), remasking="entropy", temperature=0.6, seed=4),
 }
 
 
@@ -383,10 +386,10 @@ def test_single_process_group_is_the_plain_model(checkpoints):
 
 def test_communication_volume_of_8b_shapes():
     llada = step_communication(llada_8b(), 8, batch=1, tokens=32, lm_head_rows=32)
-    # 65 all-reduces of 32 x 4096 bf16 (256 KiB each), 32 rows x 7 float64 partials.
+    # 65 all-reduces of 32 x 4096 bf16 (256 KiB each), 32 rows x 9 float64 partials.
     assert llada["all_reduces"] == 65
     assert llada["all_reduce_bytes"] == 65 * 32 * 4096 * 2
-    assert llada["all_gather_bytes"] == 32 * 7 * 8
+    assert llada["all_gather_bytes"] == 32 * 9 * 8
     llama = step_communication(llama_8b(), 8, batch=1, tokens=1, lm_head_rows=1, lm_head="greedy")
     assert llama["payload_bytes"] == 65 * 4096 * 2 + 16
     assert step_communication(llama_8b(), 1, batch=1, tokens=1, lm_head_rows=1)["payload_bytes"] == 0

@@ -4,7 +4,7 @@ Per forward of ``T`` tokens in ``B`` rows (``d`` = hidden size, ``b`` = bytes pe
 
 * two all-reduces per layer (attention output, MLP down) of ``B T d b`` bytes each, one for the
   embedding (vocabulary-parallel lookup);
-* the LM head: the planner's unmask all-gathers ``B Lr x 7`` float64 partials per rank; the
+* the LM head: the planner's unmask all-gathers ``B Lr x 9`` float64 partials per rank; the
   executor's greedy token choice ``N x 2`` float64; sampled decoding gathers the logits
   (``N x ceil(V / N_ranks)`` in the model dtype per rank).
 

@@ -9,7 +9,7 @@ caches see the rank's heads only; ``config.vocab_size`` stays the model's (token
 What it adds for the fast paths (the planner and the executor pick them through the model):
 
 * :meth:`unmask_step`: ``ops.unmask_step`` with the vocabulary split across ranks (per-rank
-  partials, one all-gather of ``[B, Lr, 7]`` float64, the merge, the same commit on every rank).
+  partials, one all-gather of ``[B, Lr, 9]`` float64, the merge, the same commit on every rank).
 * :meth:`next_tokens`: the executor's token choice: at temperature 0 a vocabulary-parallel argmax
   (one all-gather of ``[N, 2]``); sampled, the full logits are gathered (``[N, V]``) and
   :func:`hybridkernels.common.sample_tokens` draws exactly as on one device.

@@ -2,12 +2,13 @@
 
 Each rank scores its vocabulary rows ``[v0, v1)`` (``hidden @ lm_head_shard.T``) and reduces every
 row of the window to the partials the Triton kernel keeps per vocabulary split: the max, its
-first (global) index, the sum of ``exp(score - max)``, and at temperature > 0 the max of
-``score / T + Gumbel``, its index and its raw score. One all-gather of those ``[B, Lr, 7]``
-float64 values (``[N_ranks, B, Lr, 7]``: 56 bytes per row and rank, whatever ``V``), then every rank
-runs the same merge (ranks in vocabulary order: the first maximum wins ties, as ``torch.argmax``)
-and the reference's commit (:func:`hybridkernels.reference.unmask.rank_and_commit`), so every
-rank writes the same tokens.
+first (global) index, the sum of ``exp(score - max)``, at temperature > 0 the max of
+``score / T + Gumbel``, its index and its raw score, and what the confidence rule needs (the second
+largest score for ``topk_margin``, ``sum e^(l-m) (l-m)`` for ``entropy``, the ``random`` draw). One
+all-gather of those ``[B, Lr, 9]`` float64 values (``[N_ranks, B, Lr, 9]``: 72 bytes per row and
+rank, whatever ``V``), then every rank runs the same merge (ranks in vocabulary order: the first
+maximum wins ties, as ``torch.argmax``) and the reference's commit
+(:func:`hybridkernels.reference.unmask.rank_and_commit`), so every rank writes the same tokens.
 
 Against the single-device op (:func:`hybridkernels.reference.unmask_step`) on the same scores:
 candidates are identical (maxima and argmaxes merge exactly; the Gumbel noise of token ``v`` is the
@@ -22,10 +23,12 @@ generator alike on every rank); a rank seeded differently draws its shard's nois
 which still gives every rank the same tokens (the merge reads the gathered partials) but not the
 single-device op's.
 
-This is the reference (torch) path, on any device. On CUDA the single-device op is the Triton
-kernel, whose Gumbel noise is counter-based (``tl.rand(seed, row * V + token)``); a rank-split
-version of it needs the kernel's partial stage to take a vocabulary offset (see the module notes
-in the report of issue 18) and is not here yet.
+This is the reference (torch) path, on any device: it holds the shard's ``[B, Lr, V_r]`` float32
+scores (and at temperature > 0 the whole ``[B, Lr, V]`` float64 noise). On CUDA the single-device
+op is the Triton kernel, whose Gumbel noise is counter-based (``tl.rand(seed, row * V + token)``);
+the rank-split version of that (the same samples as one device's Triton op, no scores in memory)
+needs the kernel's partial stage to take a vocabulary offset and the global ``V``, and its commit
+stage to take gathered partials; it is not here yet.
 """
 
 from __future__ import annotations
@@ -42,28 +45,46 @@ from ..validation import check_tensor
 from .group import TPGroup
 
 OP = "vocab_parallel_unmask_step"
+REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
 # Partials, per (row, rank): max, argmax, sumexp, gumbel max, gumbel argmax, gumbel argmax's score,
-# and the rank's ``random`` remasking draw (rank 0's is used).
-M, ARG, SUMEXP, GMAX, GARG, GLOGIT, RANDOM = range(7)
-N_PARTIALS = 7
+# the rank's ``random`` remasking draw (rank 0's is used), the second largest score (counted with
+# multiplicity: ``topk_margin``) and sum e^(l - m) (l - m) (``entropy``).
+M, ARG, SUMEXP, GMAX, GARG, GLOGIT, RANDOM, M2, ENT = range(9)
+N_PARTIALS = 9
 
 
 def shard_partials(
-    scores: torch.Tensor, vocab_start: int, noise: torch.Tensor | None, temperature: float
+    scores: torch.Tensor,
+    vocab_start: int,
+    noise: torch.Tensor | None,
+    temperature: float,
+    remasking: str = "low_confidence",
 ) -> torch.Tensor:
     """Partials of one vocabulary shard: ``scores [..., V_r]`` float32 (banned tokens already
     ``-inf``), ``noise [..., V_r]`` float64 Gumbel draws (None at temperature 0) -> float64
-    ``[..., 7]`` (indices global: ``+ vocab_start``)."""
+    ``[..., 9]`` (indices global: ``+ vocab_start``; the fields ``remasking`` does not need are 0)."""
     m, arg = scores.max(dim=-1)  # NaN is the maximum, its first index (torch's rule)
     # A shard of -inf only (banned tokens) sums exp(-inf - 0) = 0; +inf and NaN rows are NaN.
     ref = torch.where(torch.isfinite(m) | m.isnan(), m, torch.zeros_like(m))
-    sumexp = torch.exp(scores - ref[..., None]).sum(dim=-1)
+    shifted = scores - ref[..., None]
+    e = torch.exp(shifted)
     out = scores.new_zeros((*scores.shape[:-1], N_PARTIALS), dtype=torch.float64)
-    out[..., M], out[..., ARG], out[..., SUMEXP] = m.double(), (arg + vocab_start).double(), sumexp.double()
+    out[..., M], out[..., ARG], out[..., SUMEXP] = (
+        m.double(),
+        (arg + vocab_start).double(),
+        e.sum(-1).double(),
+    )
     if noise is not None:
         g, garg = (scores.double() / temperature + noise).max(dim=-1)
         out[..., GMAX], out[..., GARG] = g, (garg + vocab_start).double()
         out[..., GLOGIT] = scores.gather(-1, garg[..., None])[..., 0].double()
+    if remasking == "topk_margin":
+        second = (
+            scores.topk(2, dim=-1).values[..., 1] if scores.shape[-1] > 1 else torch.full_like(m, -torch.inf)
+        )
+        out[..., M2] = second.double()
+    elif remasking == "entropy":
+        out[..., ENT] = torch.where(e == 0, 0.0, e * shifted).sum(-1).double()  # 0 log 0 = 0
     return out
 
 
@@ -79,9 +100,13 @@ def merge_argmax(parts: torch.Tensor) -> torch.Tensor:
     return _pick(parts, M, ARG).long()
 
 
-def merge_partials(parts: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``parts [N_ranks, ..., 7]`` -> (candidate int64 ``[...]``, softmax confidence float32 ``[...]``
-    of the candidate; NaN when the row's softmax is NaN: a NaN or +inf score, or only -inf)."""
+def merge_partials(
+    parts: torch.Tensor, sample: bool, remasking: str = "low_confidence"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``parts [N_ranks, ..., 9]`` -> (candidate int64 ``[...]``, confidence float32 ``[...]``: with
+    ``p = softmax(scores)``, ``p[candidate]`` (``low_confidence``; ``random``: the caller's draw),
+    the top-1 minus the top-2 probability (``topk_margin``) or ``sum(p log p)`` (``entropy``); NaN
+    when the row's softmax is NaN: a NaN or +inf score, or only -inf)."""
     m = parts[..., M].float()
     top = m.max(dim=0).values  # NaN propagates
     has_nan = m.isnan().any(dim=0)
@@ -94,6 +119,17 @@ def merge_partials(parts: torch.Tensor, sample: bool) -> tuple[torch.Tensor, tor
     else:
         candidate = merge_argmax(parts)
         confidence = 1.0 / total  # exp(max - max) / sumexp
+    if remasking == "topk_margin":
+        # The second largest of all scores: the largest after removing the winning rank's max once.
+        winner = m.argmax(dim=0, keepdim=True)
+        others = m.scatter(0, winner, parts[..., M2].float().gather(0, winner))
+        second = others.max(dim=0).values
+        confidence = (1.0 - torch.exp(second - top)) / total
+    elif remasking == "entropy":
+        # sum_v e^(l-M) (l-M) over every shard (each rescaled from its own max), / S - log S.
+        shift = torch.where(m == float("-inf"), torch.zeros_like(m), m - top)
+        ent = (scale * (parts[..., ENT].float() + shift * parts[..., SUMEXP].float())).sum(dim=0)
+        confidence = ent / total - torch.log(total)
     bad = has_nan | (top == float("inf")) | (top == float("-inf"))
     return candidate, confidence.masked_fill(bad, float("nan"))
 
@@ -158,6 +194,8 @@ def vocab_parallel_unmask_step(
         seed=seed,
         generator=generator,
     )
+    if args.remasking not in REMASKING:
+        raise ValueError(f"{OP}: remasking must be one of {REMASKING}, got {args.remasking!r}")
     scores = hidden.float() @ lm_head_shard.float().T  # [B, Lr, V_r], as the reference's product
     local_banned = tuple(t - vocab_start for t in args.banned_token_ids if vocab_start <= t < vocab_stop)
     if local_banned:
@@ -167,11 +205,11 @@ def vocab_parallel_unmask_step(
     if sample:
         full = gumbel_noise((B, Lr, vocab_size), generator=args.generator, device=x.device)
         noise = full[..., vocab_start:vocab_stop]
-    partials = shard_partials(scores, vocab_start, noise, args.temperature)
+    partials = shard_partials(scores, vocab_start, noise, args.temperature, args.remasking)
     if args.remasking == "random":
         partials[..., RANDOM] = torch.rand((B, Lr), generator=args.generator, device=x.device)
     parts = group.all_gather(partials)
-    candidate, confidence = merge_partials(parts, sample)
+    candidate, confidence = merge_partials(parts, sample, args.remasking)
     if args.remasking == "random":
         confidence = parts[0, ..., RANDOM].float()  # rank 0's draw, the same on every rank
     if args.deferred_token_ids:
