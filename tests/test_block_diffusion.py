@@ -258,6 +258,18 @@ def test_loading_another_family_names_what_the_directory_holds(tmp_path):
         BlockDiffusionPlanner.from_pretrained(tmp_path / "llada")
 
 
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
+def test_the_other_loaders_name_the_block_diffusion_family(tmp_path, family):
+    """DiffusionPlanner / ARExecutor / Transformer loading an SDAR or Fast-dLLM v2 directory: an
+    error naming the family and the loader to use, never a model run in the wrong attention mode."""
+    _write_checkpoint(tmp_path, family)
+    held = "an SDAR" if family == "sdar" else "a Fast-dLLM v2"
+    with pytest.raises(
+        ValueError, match=f"this is {held} checkpoint .*BlockDiffusionPlanner.from_pretrained"
+    ):
+        Transformer.from_pretrained(tmp_path)
+
+
 def test_a_config_that_mixes_families_is_an_error(tmp_path):
     _write_checkpoint(tmp_path, "sdar")
     config = json.loads((tmp_path / "config.json").read_text())

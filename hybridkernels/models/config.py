@@ -150,6 +150,13 @@ class TransformerConfig:
             kwargs = _from_llada(d)
         elif model_type in ("llama", "mistral", "qwen2", "qwen3"):
             kwargs = _from_hf(d, model_type)
+        elif model_type in ("sdar", "fast_dllm_qwen"):  # block-causal: neither causal nor bidirectional
+            held = "an SDAR" if model_type == "sdar" else "a Fast-dLLM v2"
+            raise ValueError(
+                f"TransformerConfig.from_dict: this is {held} checkpoint (model_type "
+                f"{d.get('model_type')!r}, block diffusion): load it with "
+                "hybridkernels.models.block_diffusion.BlockDiffusionPlanner.from_pretrained"
+            )
         else:
             raise ValueError(
                 f"TransformerConfig.from_dict: unsupported model_type {d.get('model_type')!r} "

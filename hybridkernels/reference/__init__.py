@@ -1,6 +1,7 @@
 """Plain-torch definitions of every op: the spec the kernels are tested against."""
 
 from .attention import bidirectional_attention, decode_attention
+from .block_diffusion import BlockDiffusionResult, block_diffusion_generate
 from .dream import dream_block_generate, dream_generate
 from .kv_cache import kv_append
 from .llada import LLaDAStats, llada_generate
@@ -18,4 +19,6 @@ __all__ = [
     "llada_generate",
     "dream_generate",
     "dream_block_generate",
+    "BlockDiffusionResult",
+    "block_diffusion_generate",
 ]
