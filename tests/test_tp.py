@@ -396,7 +396,6 @@ def test_communication_volume_of_8b_shapes():
 
 
 def test_tp_group_outside_torchrun():
-    assert "WORLD_SIZE" not in os.environ or dist.is_initialized()
     with pytest.raises(TypeError, match="tp_group"):
         TPGroup.of("nccl")
     assert TPGroup.of(None).world_size == 1
