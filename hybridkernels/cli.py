@@ -215,6 +215,8 @@ def _tp_setup(args, device):
     tp = init_from_env(device=device.type)
     options = {k: v for k, v in vars(args).items() if k != "func"}
     check_same(tp, options, "the command line")
+    if getattr(args, "seed", 0) is None:  # sampling without --seed: rank 0's fresh seed everywhere
+        args.seed = tp.all_gather_object(int(torch.randint(0, 2**31 - 1, ()).item()))[0]
     return tp, device
 
 

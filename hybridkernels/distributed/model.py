@@ -13,7 +13,13 @@ What it adds for the fast paths (the planner and the executor pick them through 
 * :meth:`next_tokens`: the executor's token choice: at temperature 0 a vocabulary-parallel argmax
   (one all-gather of ``[N, 2]``); sampled, the full logits are gathered (``[N, V]``) and
   :func:`hybridkernels.common.sample_tokens` draws exactly as on one device.
-* :meth:`logits`: full ``[..., V]`` logits (all-gathered), for callers that want them.
+* :meth:`logits`: full ``[..., V]`` logits (all-gathered), for callers that want them (the
+  executor's prefill takes its first token from them).
+
+Randomness: sample with the same seed on every rank (``ARExecutor.generate(seed=...)``,
+generators passed to the planner); ``seed=None`` seeds each rank's executor generator afresh and
+the first token, drawn from the prefill's gathered logits, could differ between ranks.
+``hybridkernels generate --tp`` hands rank 0's seed to every rank.
 
 Exactness against one process on the same checkpoint: the embedding and the LM head's logits are
 bit-identical (a sum of one value and zeros; the same dot products); the row-parallel all-reduces
