@@ -2,10 +2,10 @@
 
 One spawn per world size runs every scenario (spawning is the slow part) and returns plain lists:
 
-* planner (LLaDA names; no cache, prefix, dual, threshold, sampled with a seed) and executor (HF
-  Llama names: GQA, q/k/v/o and MLP biases, tied embeddings, an uneven vocabulary split, two
-  safetensors shards with an index; greedy left-padded,
-  sampled with a seed, shared-prefix samples): exactly the tokens of one process
+* planner (LLaDA names; no cache, prefix, dual, threshold, sampled with a seed, random remasking
+  with guidance) and executor (HF Llama names: GQA, q/k/v/o and MLP biases, tied embeddings, an
+  uneven vocabulary split, seven safetensors shards with an index; greedy left-padded, sampled
+  with a seed, shared-prefix samples, a latent prefix): exactly the tokens of one process
   (``DiffusionPlanner`` / ``ARExecutor`` on ``Transformer.from_pretrained``), the same on every rank;
 * the vocabulary-parallel unmask partial merge against ``reference.unmask_step`` on the full
   vocabulary (random scores; top-k, threshold, Gumbel sampling, random remasking, Dream's
@@ -55,11 +55,13 @@ PLANNER_CASES = {
     "dual": dict(gen_length=8, block_length=4, steps=8, cache="dual"),
     "threshold": dict(gen_length=8, block_length=4, steps=8, cache="dual", threshold=0.3),
     "sampled": dict(gen_length=8, block_length=4, steps=8, temperature=0.7),
+    "random-cfg": dict(gen_length=8, block_length=4, steps=4, remasking="random", cfg_scale=0.5),
 }
 EXECUTOR_CASES = {
     "greedy": dict(max_new_tokens=6),
     "sampled": dict(max_new_tokens=6, temperature=0.8, top_k=20, seed=3),
     "shared-prefix": dict(max_new_tokens=5, temperature=1.0, num_samples=3, seed=5),
+    "latent-prefix": dict(max_new_tokens=5),
 }
 
 
@@ -126,16 +128,18 @@ def executor_prompt():
 def run_planner(model, case):
     ids, mask = planner_prompt()
     kw = dict(PLANNER_CASES[case])
-    if kw.get("temperature"):
+    if kw.get("temperature") or kw.get("remasking") == "random":
         kw["generator"] = torch.Generator().manual_seed(7)
     return DiffusionPlanner(model, mask_id=MASK).generate(ids, mask, **kw).tokens.tolist()
 
 
 def run_executor(model, case):
     ids, mask = executor_prompt()
-    kw = EXECUTOR_CASES[case]
+    kw = dict(EXECUTOR_CASES[case])
     if kw.get("num_samples"):
         ids, mask = ids[1:], mask[1:]
+    if case == "latent-prefix":  # the pipeline's latent mode: projected planner states first
+        kw["prefix_embeds"] = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(6))
     return ARExecutor(model).generate(ids, mask, **kw).tokens.tolist()
 
 
