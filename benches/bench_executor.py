@@ -29,7 +29,7 @@ import torch
 from _common import DEVICE, ON_GPU, QUICK, compare
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hybridkernels.benchmarking import copy_bandwidth_gbs, streamed_weight_bytes, time_ms
+from hybridkernels.benchmarking import copy_bandwidth_gbs, step_floor, streamed_weight_bytes, time_ms
 from hybridkernels.models import ARExecutor
 from hybridkernels.reference.ar_loop import ar_generate
 
@@ -133,6 +133,22 @@ def _hf_decode_rate(hf, ids, total_ms, **kw) -> dict:
     return dict(hf_prefill_ms=prefill_ms, hf_decode_tokens_per_s=rate)
 
 
+def _step_vs_floor(ex, st, rows) -> dict:
+    """The decode step's time against its floor (:func:`hybridkernels.benchmarking.step_floor`:
+    weights + K/V over the measured copy bandwidth vs flops over the measured matmul rate), on
+    the CPU and the GPU."""
+    if not st.decode_steps:
+        return {}
+    step_ms = st.decode_s * 1e3 / st.decode_steps
+    floor = step_floor(ex.model, rows=rows, queries=1, keys=PROMPT + NEW // 2, head_rows=rows)
+    return dict(
+        decode_step_ms=step_ms,
+        decode_step_floor_ms=floor["floor_s"] * 1e3,
+        decode_step_over_floor=step_ms / (floor["floor_s"] * 1e3),
+        decode_step_bound=floor["bound"],
+    )
+
+
 def _ours_extra(ex, out, rows) -> dict:
     st = out.stats
     return dict(
@@ -142,6 +158,7 @@ def _ours_extra(ex, out, rows) -> dict:
         shared_prefix=st.shared_prefix,
         kv_cache_gb=st.cache_bytes / 1e9,
         **_roofline(ex, rows, st.decode_tokens_per_s),
+        **_step_vs_floor(ex, st, rows),
     )
 
 
