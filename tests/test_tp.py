@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hybridkernels import ops
 from hybridkernels.distributed import (
     TensorParallelTransformer,
     TPGroup,
@@ -41,6 +42,7 @@ from hybridkernels.distributed import (
     vocab_range,
 )
 from hybridkernels.distributed.comm import llada_8b, llama_8b, step_communication
+from hybridkernels.distributed.unmask import triton_shard_entry
 from hybridkernels.models import ARExecutor, DiffusionPlanner, Transformer, TransformerConfig, save_pretrained
 from hybridkernels.models.checkpoint import read_config
 from hybridkernels.reference import unmask_step as reference_unmask_step
@@ -170,11 +172,17 @@ UNMASK_CASES = {
 }
 
 
-def unmask_case(case, vocab=None, group=None):
-    """Run an unmask case; on the full vocabulary (reference) or on this rank's shard."""
+TRITON_CASES = ("top-k", "sampled", "topk-margin", "banned-shard")
+
+
+def unmask_case(case, vocab=None, group=None, backend="reference"):
+    """Run an unmask case; on the full vocabulary (the reference, or ``ops.unmask_step`` with
+    ``backend``) or on this rank's shard."""
     x, hidden, head = unmask_inputs(list(UNMASK_CASES).index(case))
     kw = dict(UNMASK_CASES[case], mask_id=head.shape[0] - 1, start=2)
-    if group is None:
+    if group is None and backend != "reference":
+        res = ops.unmask_step(x, hidden=hidden, lm_head=head, backend=backend, **kw)
+    elif group is None:
         res = reference_unmask_step(
             x,
             hidden=hidden,
@@ -191,6 +199,7 @@ def unmask_case(case, vocab=None, group=None):
             vocab_start=v0,
             vocab_size=head.shape[0],
             group=group,
+            backend=backend,
             **kw,
         )
     return [t.tolist() for t in res]
@@ -218,6 +227,8 @@ def _scenarios(rank, world, paths):
     vocab = vocab_range(37, rank, world)
     for case in UNMASK_CASES:
         out[f"unmask/{case}"] = unmask_case(case, vocab, tp)
+        if triton_shard_entry() is not None and case in TRITON_CASES:
+            out[f"triton/{case}"] = unmask_case(case, vocab, tp, backend="triton")
     # A world size that does not divide the kv heads (2 kv heads over 4 ranks), and ranks that
     # disagree (rank 1 asks for another dtype): the same error on every rank.
     errors = {}
@@ -331,6 +342,20 @@ def test_unmask_partial_merge_equals_reference(ranks, single, case):
     x, committed, tokens, confidence = single[f"unmask/{case}"]
     for r in ranks:
         rx, rcommitted, rtokens, rconfidence = r[f"unmask/{case}"]
+        assert (rx, rcommitted, rtokens) == (x, committed, tokens), f"rank {r['rank']}"
+        torch.testing.assert_close(torch.tensor(rconfidence), torch.tensor(confidence), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_shards_equal_the_single_device_kernel(ranks, case):
+    """The Triton path (interpreter on the CPU): each rank's kernel on its shard, the partials
+    gathered, against ``ops.unmask_step(backend="triton")`` on the whole vocabulary: the same
+    tokens and samples (the Philox counter is the global token id)."""
+    if triton_shard_entry() is None:
+        pytest.skip("hybridkernels.triton.unmask.unmask_step has no vocabulary-shard entry point yet")
+    x, committed, tokens, confidence = unmask_case(case, backend="triton")
+    for r in ranks:
+        rx, rcommitted, rtokens, rconfidence = r[f"triton/{case}"]
         assert (rx, rcommitted, rtokens) == (x, committed, tokens), f"rank {r['rank']}"
         torch.testing.assert_close(torch.tensor(rconfidence), torch.tensor(confidence), rtol=1e-5, atol=1e-7)
 

@@ -23,17 +23,18 @@ generator alike on every rank); a rank seeded differently draws its shard's nois
 which still gives every rank the same tokens (the merge reads the gathered partials) but not the
 single-device op's.
 
-This is the reference (torch) path, on any device: it holds the shard's ``[B, Lr, V_r]`` float32
-scores (and at temperature > 0 the whole ``[B, Lr, V]`` float64 noise). On CUDA the single-device
-op is the Triton kernel, whose Gumbel noise is counter-based (``tl.rand(seed, row * V + token)``);
-the rank-split version of that (the same samples as one device's Triton op, no scores in memory)
-needs the kernel's partial stage to take a vocabulary offset and the global ``V``, and its commit
-stage to take gathered partials; it is not here yet.
+The torch path (any device) holds the shard's ``[B, Lr, V_r]`` float32 scores (and at
+temperature > 0 the whole ``[B, Lr, V]`` float64 noise). The Triton path (CUDA, when the kernel
+has the vocabulary-shard entry point of :func:`triton_shard_entry`) runs the kernel's partial
+stage on the shard with global token ids (its Philox counter ``row * V + token`` is the global
+token id: the same samples as one device's Triton op), all-gathers the per-split partials and runs
+its commit stage on them: no scores in memory.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +44,7 @@ from ..ops._checks import check_unmask_args
 from ..reference.unmask import gumbel_noise, rank_and_commit
 from ..validation import check_tensor
 from .group import TPGroup
+from .sharding import vocab_chunk
 
 OP = "vocab_parallel_unmask_step"
 REMASKING = ("low_confidence", "random", "topk_margin", "entropy")
@@ -158,12 +160,21 @@ def vocab_parallel_unmask_step(
 
     Args (beyond the op's): ``hidden [B, Lr, d]`` (the same on every rank), ``lm_head_shard
     [V_r, d]`` (this rank's rows ``[vocab_start, vocab_start + V_r)``, same dtype), ``vocab_size``
-    (the model's ``V``), ``group`` (:class:`TPGroup`). ``backend``: only ``"reference"`` or None
-    (this is the torch path). Every rank returns the same :class:`UnmaskResult`; ``x`` is updated
-    in place on every rank. See the module docstring for what equals the single-device op.
+    (the model's ``V``), ``group`` (:class:`TPGroup`). ``backend``: ``"reference"`` (the torch
+    path), ``"triton"`` (the Triton kernel on the shard, when it has the entry point of
+    :func:`triton_shard_entry`) or None (Triton on CUDA tensors when available, else the torch
+    path). Every rank returns the same :class:`UnmaskResult`; ``x`` is updated in place on every
+    rank. See the module docstring for what equals the single-device op.
     """
-    if backend not in (None, "reference"):
-        raise ValueError(f"{OP}: backend must be 'reference' or None (the torch path), got {backend!r}")
+    if backend not in (None, "reference", "triton"):
+        raise ValueError(f"{OP}: backend must be 'triton', 'reference' or None, got {backend!r}")
+    triton_op = triton_shard_entry() if backend == "triton" or (backend is None and x.is_cuda) else None
+    if backend == "triton" and triton_op is None:
+        raise ValueError(
+            f"{OP}: backend='triton' needs the Triton unmask kernel's vocabulary-shard entry point "
+            "(hybridkernels.triton.unmask.unmask_step(..., vocab_start=, vocab_size=, vocab_chunk=, "
+            "exchange=)), which this build does not have; use backend='reference'"
+        )
     check_tensor(OP, "hidden", hidden, ndim=3, device=x.device)
     check_tensor(OP, "lm_head_shard", lm_head_shard, ndim=2, device=x.device)
     if hidden.dtype != lm_head_shard.dtype or hidden.shape[-1] != lm_head_shard.shape[1]:
@@ -194,6 +205,8 @@ def vocab_parallel_unmask_step(
         seed=seed,
         generator=generator,
     )
+    if triton_op is not None:
+        return _triton_step(triton_op, x, hidden, lm_head_shard, vocab_start, vocab_size, group, args)
     if args.remasking not in REMASKING:
         raise ValueError(f"{OP}: remasking must be one of {REMASKING}, got {args.remasking!r}")
     scores = hidden.float() @ lm_head_shard.float().T  # [B, Lr, V_r], as the reference's product
@@ -231,3 +244,55 @@ def vocab_parallel_unmask_step(
 def _ids(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Token ids as an int64 tensor on ``device``, made once (a CUDA graph capture copies nothing)."""
     return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+# The Triton kernel's keywords for a vocabulary shard (see triton_shard_entry).
+TRITON_SHARD_KEYWORDS = ("vocab_start", "vocab_size", "vocab_chunk", "exchange")
+
+
+def triton_shard_entry():
+    """``hybridkernels.triton.unmask.unmask_step`` when it takes a vocabulary shard, else None.
+
+    The contract (keywords :data:`TRITON_SHARD_KEYWORDS`): ``lm_head`` is the shard (global rows
+    ``[vocab_start, vocab_start + V_r)``), ``vocab_size`` the model's ``V`` (the ban list, the
+    argmax and the Philox counter ``row * V + token`` use global ids), ``vocab_chunk`` the padded
+    shard length every rank sizes its splits from (so all ranks have the same number of splits),
+    and after the partial stage the kernel calls ``exchange(part_f, part_i, n_rows, n_splits)``
+    and commits from the ``(part_f, part_i, n_splits)`` it returns: every rank's splits, in
+    vocabulary order. With aligned splits the result is bit-identical to the single-device kernel
+    (same tokens, samples and confidences)."""
+    try:
+        from ..triton.unmask import unmask_step
+    except Exception:  # no triton
+        return None
+    params = inspect.signature(unmask_step).parameters
+    return unmask_step if all(k in params for k in TRITON_SHARD_KEYWORDS) else None
+
+
+def _triton_step(op, x, hidden, lm_head_shard, vocab_start, vocab_size, group: TPGroup, args) -> UnmaskResult:
+    """The Triton kernel on this rank's shard; the per-split partials all-gathered between its
+    partial and commit stages (``[n_fields, B Lr, n_splits]`` float32 and int32 per rank)."""
+    world = group.world_size
+
+    def exchange(part_f, part_i, n_rows, n_splits):
+        def merged(part):
+            every = group.all_gather(part)  # [N_ranks, n_fields, n_rows * n_splits]
+            every = every.view(world, part.shape[0], n_rows, n_splits).permute(1, 2, 0, 3)
+            return every.reshape(part.shape[0], n_rows * world * n_splits).contiguous()
+
+        return merged(part_f), merged(part_i), world * n_splits
+
+    if not hidden.is_contiguous():
+        hidden = hidden.contiguous()
+    return UnmaskResult(
+        *op(
+            x,
+            hidden=hidden,
+            lm_head=lm_head_shard,
+            vocab_start=vocab_start,
+            vocab_size=vocab_size,
+            vocab_chunk=vocab_chunk(vocab_size, world),
+            exchange=exchange,
+            **args.backend_kwargs(),
+        )
+    )
