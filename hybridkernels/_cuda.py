@@ -115,6 +115,26 @@ def _(k_cache, v_cache, k_new, v_new, positions, rope_cos=None, rope_sin=None, r
     return None
 
 
+def kv_append_direct(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """``_C.kv_append`` without the custom op's dispatch (no RoPE): for CPU eager callers whose
+    inputs are valid by construction (the executor's prefill). ``_C`` still checks sizes and
+    positions against the cache."""
+    device, stream = _device_and_stream(k_cache)
+    positions = positions.contiguous()
+    _C.kv_append(
+        k_cache.data_ptr(), v_cache.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), positions.data_ptr(),
+        list(k_cache.shape), k_new.shape[1], list(k_cache.stride()), list(v_cache.stride()),
+        list(k_new.stride()), list(v_new.stride()), DTYPE_CODES[k_cache.dtype], DTYPE_CODES[positions.dtype],
+        device, stream,
+    )  # fmt: skip
+
+
 def kv_append(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

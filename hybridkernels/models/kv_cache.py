@@ -86,19 +86,30 @@ class PrefillHook:
             and attention_backend is None
             and ops.OP_BACKENDS["bidirectional_attention"].resolve(None, device) == ("reference", None)
         )
+        # The writes go straight to _C on the CPU when kv_append would run it anyway (as the
+        # decode steps do): slots 0 .. T-1 of every row, in bounds by construction.
+        self._direct_append = (
+            device.type == "cpu"
+            and _cuda.available()
+            and ops_kv_append.DISPATCH.choose(self.decode_backend, device) == "cuda"
+            and ops_kv_append.IMPLEMENTATIONS.get("cuda") is _cuda.kv_append
+        )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_rows, v_rows = k, v
         if self.repeats > 1:
             k_rows, v_rows = k.repeat_interleave(self.repeats, 0), v.repeat_interleave(self.repeats, 0)
-        ops.kv_append(
-            self.cache.k[layer],
-            self.cache.v[layer],
-            k_rows,
-            v_rows,
-            self.positions,
-            backend=self.decode_backend,
-        )
+        if self._direct_append and not torch.compiler.is_compiling():
+            _cuda.kv_append_direct(self.cache.k[layer], self.cache.v[layer], k_rows, v_rows, self.positions)
+        else:
+            ops.kv_append(
+                self.cache.k[layer],
+                self.cache.v[layer],
+                k_rows,
+                v_rows,
+                self.positions,
+                backend=self.decode_backend,
+            )
         if self._sdpa:
             return ops.sdpa_attention(q, k, v, causal=True)
         return ops.attention(q, k, v, causal=True, backend=self.attention_backend)

@@ -241,6 +241,8 @@ def _still_fused(fused, linears) -> bool:
     """The linears' parameters are still the views :func:`_fuse_linears` made (not replaced by a
     ``load_state_dict(assign=True)``, a ``.to()``, or a user), and no gradient is being recorded
     for them (the fused product would bypass the parameters)."""
+    if torch.compiler.is_compiling():  # data pointers do not trace: the separate products
+        return False
     w, b = fused
     ptr, size = w.data_ptr(), w.element_size() * w.shape[1]
     row = 0
