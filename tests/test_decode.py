@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridkernels import _cuda, reference
-from hybridkernels.ops import OP_BACKENDS, decode_attention
+from hybridkernels.ops import OP_BACKENDS, decode_attention, kv_append
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -444,3 +444,60 @@ def test_cuda_rejects_host_pointers():
     args, _ = _raw_args(device=0)
     with pytest.raises(ValueError, match="host memory|not a CUDA pointer"):
         _cuda._C.decode_attention(**args)
+
+
+@requires_c
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, D, prefix, dtype",
+    [
+        (1, 4, 4, 64, 0, torch.float32),
+        (3, 8, 2, 64, 0, torch.float32),  # GQA, ragged rows
+        (2, 4, 1, 128, 5, torch.float32),  # shared prefix (cascade)
+        (3, 4, 2, 64, 0, torch.float16),
+        (2, 4, 2, 128, 3, torch.bfloat16),
+    ],
+)
+def test_static_decode_kernels_equal_the_ops(B, Hq, Hkv, D, prefix, dtype):
+    """The executor's direct CPU path (StaticDecodeKernels: _C called with pointers converted
+    once) writes the same cache slots and returns the same attention as ops.kv_append +
+    ops.decode_attention, for every layer of a [layers, B, Lmax, Hkv, D] cache, with ragged
+    append positions, GQA, a shared prefix and every dtype; its output is a per-layer view."""
+    layers, Lmax = 3, 11
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    k_cache, v_cache = rnd(layers, B, Lmax, Hkv, D), rnd(layers, B, Lmax, Hkv, D)
+    append_at = torch.randint(0, Lmax - 1, (B,), generator=g).to(torch.int32)
+    cache_lens = append_at + 1
+    pre = None
+    if prefix:
+        pk, pv = rnd(layers, 1, prefix + 2, Hkv, D), rnd(layers, 1, prefix + 2, Hkv, D)
+        pre = (pk, pv, prefix)
+    kernels = _cuda.StaticDecodeKernels(k_cache, v_cache, append_at, cache_lens, num_heads=Hq, prefix=pre)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for layer in range(layers):
+        q, k, v = rnd(B, 1, Hq, D), rnd(B, 1, Hkv, D), rnd(B, 1, Hkv, D)
+        kv_append(want_k[layer], want_v[layer], k, v, append_at, backend="cuda")
+        layer_prefix = None if pre is None else (pre[0][layer, 0], pre[1][layer, 0], prefix)
+        want = decode_attention(
+            q[:, 0], want_k[layer], want_v[layer], cache_lens, prefix=layer_prefix, backend="cuda"
+        )
+        got = kernels(layer, q, k, v)
+        assert got.shape == (B, 1, Hq, D) and got.dtype == dtype
+        assert torch.equal(got[:, 0], want)
+        torch.testing.assert_close(got[:, 0], reference.decode_attention(
+            q[:, 0], want_k[layer], want_v[layer], cache_lens, prefix=layer_prefix
+        ), **TOL[dtype])  # fmt: skip
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@requires_c
+def test_static_decode_kernels_refuse_layouts_they_cannot_take():
+    k = torch.zeros(2, 1, 8, 2, 64)
+    lens = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        _cuda.StaticDecodeKernels(k.transpose(2, 3), k, lens, lens, num_heads=2)
+    with pytest.raises(TypeError, match="int32"):
+        _cuda.StaticDecodeKernels(k, k.clone(), lens.long(), lens, num_heads=2)
