@@ -54,6 +54,7 @@ class TPGroup:
     with ``world_size == 1`` they are the identity."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, _single: bool = False):
+        self.is_single = _single  # no process group behind it
         if _single:
             self.group, self.rank, self.world_size = None, 0, 1
         else:
@@ -88,6 +89,12 @@ class TPGroup:
             f"tp_group must be a TPGroup, a torch.distributed ProcessGroup or None, got "
             f"{type(tp_group).__name__}"
         )
+
+    def default_device(self) -> torch.device:
+        """Where this rank's tensors go by default: the current CUDA device under NCCL, else the CPU."""
+        if not self.is_single and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def __repr__(self) -> str:
         return f"TPGroup(rank={self.rank}, world_size={self.world_size})"

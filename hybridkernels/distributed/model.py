@@ -98,7 +98,8 @@ class TensorParallelTransformer(Transformer):
         config_overrides=None,
         check_ranks: bool = True,
     ) -> TensorParallelTransformer:
-        """This rank's shard of checkpoint ``path`` (arguments as :meth:`Transformer.from_pretrained`).
+        """This rank's shard of checkpoint ``path`` (arguments as :meth:`Transformer.from_pretrained`;
+        ``device`` default: the current CUDA device with NCCL, else the CPU).
 
         Reads only the rank's slices (``safe_open(...).get_slice``); :attr:`load_stats` says how
         many bytes. With ``check_ranks`` every rank first all-gathers a hash of its arguments and
@@ -116,7 +117,7 @@ class TensorParallelTransformer(Transformer):
         config = checkpoint.read_config(path, config_overrides)
         local_config(config, tp.world_size)  # the divisibility error before reading anything
         state, stats = load_shard(path, config, tp.rank, tp.world_size, names=names)
-        model = cls._build(config, state, tp, dtype, device or "cpu", causal, attention_backend)
+        model = cls._build(config, state, tp, dtype, device or tp.default_device(), causal, attention_backend)
         model.load_stats = stats
         return model
 
