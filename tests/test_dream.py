@@ -19,6 +19,7 @@ from hybridkernels.models import (
     TransformerConfig,
     save_pretrained,
 )
+from hybridkernels.ops._dispatch import triton_unavailable_reason
 from hybridkernels.reference import dream as ref_dream
 from hybridkernels.reference import dream_block_generate, dream_generate
 from hybridkernels.schedules import DreamBlockSchedule, DreamSchedule
@@ -335,3 +336,34 @@ def test_llada_planner_refuses_dream_options():
     for option in ({"alg": "entropy"}, {"top_k": 3}, {"eps": 0.01}, {"alg_temp": 0.5}):
         with pytest.raises(ValueError, match=f"{next(iter(option))} is a Dream option"):
             llada.generate(ids, gen_length=8, steps=4, **option)
+
+
+# ------------------------------------------------------------------------------ Triton backend
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"alg": "entropy"},
+        {"alg": "topk_margin"},
+        {"cache": "dual", "block_length": 4},
+        {"cache": "dual", "block_length": 4, "threshold": 0.3},
+    ],
+    ids=["entropy", "topk_margin", "dual", "dual-threshold"],
+)
+def test_triton_backend_equals_the_reference_backend(options):
+    """The Triton attention and fused unmask kernels (the interpreter on the CPU) on the shifted
+    rows commit what the reference ops commit (head_dim 32: the Triton attention's smallest)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if triton_unavailable_reason(device) is not None:
+        pytest.skip(triton_unavailable_reason(device))
+    config = TransformerConfig.from_dict(
+        dream_config(hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+    )
+    model = Transformer(config, backend="reference")
+    model.reset_parameters(std=0.3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model.lm_head_weight[MASK] = 0
+    model = model.to(device)
+    ids, mask = (t.to(device) for t in prompts(2))
+    ref = DiffusionPlanner(model, backend="reference").generate(ids, mask, gen_length=8, steps=4, **options)
+    tri = DiffusionPlanner(model, backend="triton").generate(ids, mask, gen_length=8, steps=4, **options)
+    assert torch.equal(tri.tokens, ref.tokens)
