@@ -367,3 +367,37 @@ def test_triton_backend_equals_the_reference_backend(options):
     ref = DiffusionPlanner(model, backend="reference").generate(ids, mask, gen_length=8, steps=4, **options)
     tri = DiffusionPlanner(model, backend="triton").generate(ids, mask, gen_length=8, steps=4, **options)
     assert torch.equal(tri.tokens, ref.tokens)
+
+
+# ------------------------------------------------------------------------------ pipeline
+def test_a_dream_planner_plugs_into_the_pipeline(tmp_path):
+    """Latent mode (the plan's hidden states through the projector) and text mode with the cache."""
+    from hybrid_helpers import COLORS, TEMPLATE_WORDS, tiny_model, word_tokenizer
+
+    from hybridkernels.models import ARExecutor, LatentProjector
+    from hybridkernels.pipeline import HybridPipeline
+
+    words = TEMPLATE_WORDS + COLORS + "sky sea grass x y".split()
+    p_tok, e_tok = word_tokenizer(words, tmp_path / "p"), word_tokenizer(words[::-1], tmp_path / "e")
+    planner = DiffusionPlanner(tiny_model(p_tok, causal=False, seed=11, std=0.2), family="dream")
+    executor = ARExecutor(tiny_model(e_tok, causal=True, seed=12, std=0.2))
+    toks = dict(planner_tokenizer=p_tok, executor_tokenizer=e_tok, executor_kwargs={"max_new_tokens": 4})
+    projector = LatentProjector.for_models(planner, executor, pool="mean", pool_stride=4)
+    latent = HybridPipeline(
+        planner, executor, projector, mode="latent", planner_kwargs={"gen_length": 6, "steps": 6}, **toks
+    )
+    out = latent(["what is the color of the sky ?", "sea ?"])
+    direct = planner.generate(
+        *_encode(p_tok, latent, ["what is the color of the sky ?", "sea ?"]), gen_length=6, steps=6
+    )
+    assert out.stats.plan_steps == direct.stats.steps and len(out.plans) == 2
+    cached = {"gen_length": 6, "steps": 6, "block_length": 3, "cache": "dual"}
+    text = HybridPipeline(planner, executor, mode="text", planner_kwargs=cached, **toks)
+    assert len(text(["sea ?"]).plans) == 1
+
+
+def _encode(tok, pipe, questions):
+    from hybridkernels.models.prompting import encode_prompts
+
+    texts = [pipe.templates.planner.format(question=q) for q in questions]
+    return encode_prompts(tok, texts, device=torch.device("cpu"), avoid=pipe.planner.mask_id, where="test")
