@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from .models.block_diffusion import BlockDiffusionPlanner
 from .models.executor import ARExecutor, plan_then_answer
 from .models.planner import DiffusionPlanner
 from .models.projector import LatentProjector, check_projector_fits
@@ -43,9 +44,13 @@ from .models.prompting import (
 )
 from .models.training import DEFAULT_PLANNER_KWARGS
 from .reference.ar_loop import ar_generate
+from .reference.block_diffusion import block_diffusion_generate
 from .reference.llada import llada_generate
 
 MODES = ("latent", "text", "ar")
+PLANNERS = (DiffusionPlanner, BlockDiffusionPlanner)
+# A block-diffusion planner's steps and rule are its family's (BlockDiffusionOptions).
+BLOCK_PLANNER_KWARGS = {"gen_length": DEFAULT_PLANNER_KWARGS["gen_length"]}
 WHERE = "HybridPipeline"
 DEFAULT_EXECUTOR_KWARGS = {"max_new_tokens": 64}
 # Options of DiffusionPlanner.generate the naive LLaDA loop also takes.
@@ -161,9 +166,10 @@ class HybridPipeline:
             raise ValueError(f"{WHERE}: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(executor, ARExecutor):
             raise TypeError(f"{WHERE}: executor must be an ARExecutor, got {type(executor).__name__}")
-        if mode != "ar" and not isinstance(planner, DiffusionPlanner):
+        if mode != "ar" and not isinstance(planner, PLANNERS):
             raise TypeError(
-                f"{WHERE}: mode={mode!r} needs a DiffusionPlanner as planner, got {type(planner).__name__}"
+                f"{WHERE}: mode={mode!r} needs a DiffusionPlanner or BlockDiffusionPlanner as planner, got "
+                f"{type(planner).__name__}"
             )
         if mode == "latent":
             if projector is None:
@@ -190,7 +196,10 @@ class HybridPipeline:
         self.planner, self.executor, self.projector = planner, executor, projector
         self.mode, self.naive = mode, bool(naive)
         self.templates = templates or PromptTemplates()
-        self.planner_kwargs = DEFAULT_PLANNER_KWARGS | dict(planner_kwargs or {})
+        defaults = (
+            BLOCK_PLANNER_KWARGS if isinstance(planner, BlockDiffusionPlanner) else DEFAULT_PLANNER_KWARGS
+        )
+        self.planner_kwargs = defaults | dict(planner_kwargs or {})
         self.executor_kwargs = DEFAULT_EXECUTOR_KWARGS | dict(executor_kwargs or {})
 
     # ------------------------------------------------------------------ the call
@@ -250,10 +259,13 @@ class HybridPipeline:
         if not self.naive:
             out = self.planner.generate(ids, mask, return_hidden=hidden, **kwargs)
             return out.tokens, out.hidden, out.stats.steps, out.stats.forward_passes
+        p = self.planner
+        if isinstance(p, BlockDiffusionPlanner):
+            out = block_diffusion_generate(p.model, ids, mask, **p.reference_kwargs(**kwargs))
+            return out.tokens, out.hidden if hidden else None, out.steps, out.forward_passes
         unknown = sorted(set(kwargs) - set(NAIVE_PLANNER_KWARGS))
         if unknown:
             raise ValueError(f"{WHERE}: naive=True runs LLaDA's reference loop, which has no {unknown}")
-        p = self.planner
         ids_kw = {k: v for k, v in (("eos_id", p.eos_id), ("eot_id", p.eot_id)) if v is not None}
         if kwargs.get("block_length") is None:  # the planner's default: one block
             kwargs = kwargs | {"block_length": kwargs["gen_length"]}

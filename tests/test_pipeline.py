@@ -17,6 +17,7 @@ from hybridkernels.models import (
     PromptTemplates,
     save_pretrained,
 )
+from hybridkernels.models.block_diffusion import BlockDiffusionPlanner
 from hybridkernels.pipeline import HybridPipeline
 
 WORDS = TEMPLATE_WORDS + COLORS + "sky sea grass sun x y z".split()
@@ -150,6 +151,29 @@ def test_naive_loops_give_the_same_answers(parts, mode):
     assert naive.answer_ids == fast.answer_ids and naive.plan_ids == fast.plan_ids
     assert naive.stats.naive and naive.stats.executor_prefill_s is None
     assert naive.stats.plan_steps == fast.stats.plan_steps
+
+
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
+@pytest.mark.parametrize("mode", ["latent", "text"])
+def test_block_diffusion_planner_plugs_in_and_its_naive_loop_agrees(parts, family, mode):
+    p_model = tiny_model(parts["p_tok"], causal=False, seed=21, std=0.2)
+    planner = BlockDiffusionPlanner(
+        p_model, family=family, mask_id=parts["p_tok"].mask_token_id, block_length=4
+    )
+    kw = dict(
+        planner_tokenizer=parts["p_tok"],
+        executor_tokenizer=parts["e_tok"],
+        planner_kwargs={"gen_length": 8, "stop_token_ids": (parts["p_tok"].eos_token_id,)},
+        executor_kwargs=EK,
+        mode=mode,
+    )
+    projector = parts["projector"] if mode == "latent" else None
+    fast = HybridPipeline(planner, parts["executor"], projector, **kw)(QUESTIONS)
+    naive = HybridPipeline(planner, parts["executor"], projector, naive=True, **kw)(QUESTIONS)
+    assert naive.plan_ids == fast.plan_ids and naive.answer_ids == fast.answer_ids
+    assert fast.stats.plan_tokens == 8 * len(QUESTIONS) and not fast.stats.naive and naive.stats.naive
+    if mode == "latent":
+        assert fast.stats.latent_vectors == 2  # 8 hidden states, mean-pooled by 4
 
 
 def test_kwargs_pass_through(parts):

@@ -1,5 +1,6 @@
 """Thin model classes (no kernels inside): the shared Llama-family transformer and its loaders."""
 
+from .block_diffusion import BlockDiffusionOptions, BlockDiffusionPlanner
 from .config import TransformerConfig
 from .diffusion_cache import DiffusionKVCache
 from .executor import ARExecutor, GenerationOutput, GenerationStats, PlanAnswerOutput
@@ -13,6 +14,8 @@ from .transformer import KVCacheHook, Transformer, TransformerOutput
 
 __all__ = [
     "ARExecutor",
+    "BlockDiffusionOptions",
+    "BlockDiffusionPlanner",
     "DiffusionKVCache",
     "DiffusionPlanner",
     "GenerationOutput",
