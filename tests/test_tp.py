@@ -219,6 +219,12 @@ def _scenarios(rank, world, paths):
     for case in EXECUTOR_CASES:
         out[f"executor/{case}"] = run_executor(executor, case)
     out["executor_comm_bytes"] = tp.stats.bytes
+    # Sampled without a seed (each rank's generator draws a fresh one): rank 0's draws on every
+    # rank, the prompt's first token too.
+    ids, mask = executor_prompt()
+    out["executor/unseeded"] = (
+        ARExecutor(executor).generate(ids, mask, max_new_tokens=4, temperature=1.0).tokens.tolist()
+    )
     out["load"] = {
         "planner": planner.load_stats.bytes_read,
         "executor": executor.load_stats.bytes_read,
@@ -382,6 +388,10 @@ def test_errors_on_every_rank(ranks):
         assert "disagree" in r["errors"]["disagree"]
         if len(ranks) == 4:
             assert "num_kv_heads = 2" in r["errors"]["world"]
+
+
+def test_unseeded_sampling_emits_the_same_tokens_on_every_rank(ranks):
+    assert all(r["executor/unseeded"] == ranks[0]["executor/unseeded"] for r in ranks)
 
 
 def test_executor_sends_no_logits_at_temperature_zero(ranks):

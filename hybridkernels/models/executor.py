@@ -278,7 +278,7 @@ class ARExecutor:
             s.append_at.zero_()
         else:
             s.append_at.copy_(row_lens)
-        self._emit(s, self.model.logits(last).repeat_interleave(num_samples, 0))
+        self._emit(s, last, num_samples)
         _synchronize(dev)
         t1 = time.perf_counter()
 
@@ -306,16 +306,19 @@ class ARExecutor:
         return GenerationOutput(tokens, out_lengths, stats)
 
     # ------------------------------------------------------------------ the step (eager == graph)
-    def _emit(self, s: _DecodeState, logits: torch.Tensor | None, hidden: torch.Tensor | None = None) -> None:
-        """Choose each row's token from ``logits [rows, V]`` (or from the last hidden states
-        ``hidden [rows, d]`` through the model's ``next_tokens`` when it has one: a tensor-parallel
-        model chooses from its vocabulary shards), write it to the output column ``col`` and make it
-        the next step's input."""
+    def _emit(self, s: _DecodeState, hidden: torch.Tensor, repeats: int = 1) -> None:
+        """Choose the next token of each row from the last hidden states ``hidden [N, d]``, each
+        row standing for ``repeats`` consecutive rows of the state (a prompt's samples), write it
+        to the output column ``col`` and make it the next step's input. A model with
+        ``next_tokens`` (tensor parallel: chosen from the vocabulary shards, the same on every
+        rank) chooses them; otherwise its logits are sampled here."""
         p = s.sampling
-        if hidden is not None and hasattr(self.model, "next_tokens"):
+        if hasattr(self.model, "next_tokens"):
+            hidden = hidden.repeat_interleave(repeats, 0) if repeats > 1 else hidden
             sampled = self.model.next_tokens(hidden, p.temperature, p.top_k, p.top_p, s.generator)
         else:
-            logits = self.model.logits(hidden) if logits is None else logits
+            logits = self.model.logits(hidden)
+            logits = logits.repeat_interleave(repeats, 0) if repeats > 1 else logits
             sampled = sample_tokens(logits, p.temperature, p.top_k, p.top_p, s.generator)
         # Without EOS ids no row ever finishes: the tokens are the sampled ones.
         tokens = sampled if s.eos_ids is None else emit_tokens(sampled, s.finished, s.eos_ids, p.pad)
@@ -328,7 +331,7 @@ class ARExecutor:
         torch.add(s.append_at, 1, out=s.cache_lens)
         x = self.model.embed(s.tok[:, None])
         hidden = self.model(inputs_embeds=x, position_ids=s.pos, kv_cache=s.hook, compute_logits=False).hidden
-        self._emit(s, None, hidden[:, -1])
+        self._emit(s, hidden[:, -1])
         s.pos += 1
         s.append_at.copy_(s.cache_lens)
 
