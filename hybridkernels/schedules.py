@@ -69,6 +69,11 @@ class StepPlan:
 
     def kwargs(self) -> dict:
         """``start`` and the rule, as ``unmask_step`` keywords."""
+        if self.transfer_probability is not None:
+            raise ValueError(
+                "StepPlan.kwargs: Dream's origin plan commits each masked position with probability "
+                "transfer_probability; it is not an unmask_step rule (propose with num_transfer=0, then draw)"
+            )
         if self.threshold is not None:
             return {"start": self.start, "threshold": self.threshold}
         return {"start": self.start, "num_transfer": self.num_transfer}

@@ -289,6 +289,8 @@ def test_dream_schedule_counts_are_dreams():
         assert plan.num_transfer.tolist() == [min(k, 16), min(k, 15)]
     origin = DreamSchedule(4, 16, steps=5, origin=True).plan(x, MASK, 0, 4)
     assert origin.num_transfer is None and float(origin.transfer_probability) == 1.0
+    with pytest.raises(ValueError, match="not an unmask_step rule"):
+        origin.kwargs()
 
 
 def test_dream_block_schedule_starts_each_block_at_its_first_position():
