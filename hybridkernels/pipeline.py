@@ -45,6 +45,7 @@ from .models.prompting import (
 from .models.training import DEFAULT_PLANNER_KWARGS
 from .reference.ar_loop import ar_generate
 from .reference.block_diffusion import block_diffusion_generate
+from .reference.dream import dream_generate
 from .reference.llada import llada_generate
 
 MODES = ("latent", "text", "ar")
@@ -53,6 +54,18 @@ PLANNERS = (DiffusionPlanner, BlockDiffusionPlanner)
 BLOCK_PLANNER_KWARGS = {"gen_length": DEFAULT_PLANNER_KWARGS["gen_length"]}
 WHERE = "HybridPipeline"
 DEFAULT_EXECUTOR_KWARGS = {"max_new_tokens": 64}
+# Options of a Dream DiffusionPlanner.generate that Dream's naive diffusion_generate also takes.
+NAIVE_DREAM_KWARGS = (
+    "gen_length",
+    "steps",
+    "temperature",
+    "top_p",
+    "top_k",
+    "alg",
+    "alg_temp",
+    "eps",
+    "generator",
+)
 # Options of DiffusionPlanner.generate the naive LLaDA loop also takes.
 NAIVE_PLANNER_KWARGS = (
     "gen_length",
@@ -263,22 +276,38 @@ class HybridPipeline:
         if isinstance(p, BlockDiffusionPlanner):
             out = block_diffusion_generate(p.model, ids, mask, **p.reference_kwargs(**kwargs))
             return out.tokens, out.hidden if hidden else None, out.steps, out.forward_passes
-        unknown = sorted(set(kwargs) - set(NAIVE_PLANNER_KWARGS))
+        dream = p.family == "dream"
+        unknown = sorted(set(kwargs) - set(NAIVE_DREAM_KWARGS if dream else NAIVE_PLANNER_KWARGS))
         if unknown:
-            raise ValueError(f"{WHERE}: naive=True runs LLaDA's reference loop, which has no {unknown}")
+            loop = "Dream's diffusion_generate" if dream else "LLaDA's reference loop"
+            raise ValueError(f"{WHERE}: naive=True runs {loop}, which has no {unknown}")
+        if dream:
+            kwargs = {"max_new_tokens" if k == "gen_length" else k: v for k, v in kwargs.items()}
+            x = dream_generate(
+                lambda t, attention_mask=None: p.model(t, attention_mask, causal=False).logits,
+                ids,
+                mask,
+                mask_id=p.mask_id,
+                **kwargs,
+            )
+            h = self._naive_hidden(x, ids, mask) if hidden else None
+            return x, h, kwargs["steps"], kwargs["steps"] + hidden
         ids_kw = {k: v for k, v in (("eos_id", p.eos_id), ("eot_id", p.eot_id)) if v is not None}
         if kwargs.get("block_length") is None:  # the planner's default: one block
             kwargs = kwargs | {"block_length": kwargs["gen_length"]}
         x, stats = llada_generate(
             p.model, ids, mask, mask_id=p.mask_id, return_stats=True, **ids_kw, **kwargs
         )
-        h, passes = None, stats.forward_passes
-        if hidden:
-            full_mask = torch.cat([mask, mask.new_ones(x.shape[0], x.shape[1] - ids.shape[1])], dim=1)
-            with torch.no_grad():
-                h = p.model(x, full_mask, causal=False, compute_logits=False).hidden[:, ids.shape[1] :]
-            passes += 1
-        return x, h, stats.committed.shape[0], passes
+        h = self._naive_hidden(x, ids, mask) if hidden else None
+        return x, h, stats.committed.shape[0], stats.forward_passes + hidden
+
+    def _naive_hidden(self, x, ids, mask) -> torch.Tensor:
+        """The planner's final hidden states over the generated positions of ``x`` (one forward)."""
+        full_mask = torch.cat([mask, mask.new_ones(x.shape[0], x.shape[1] - ids.shape[1])], dim=1)
+        with torch.no_grad():
+            return self.planner.model(x, full_mask, causal=False, compute_logits=False).hidden[
+                :, ids.shape[1] :
+            ]
 
     def _cut_plan(self, row: torch.Tensor) -> list[int]:
         """The planner's generated tokens up to (not including) its first EOS / EoT."""

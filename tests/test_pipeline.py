@@ -176,6 +176,29 @@ def test_block_diffusion_planner_plugs_in_and_its_naive_loop_agrees(parts, famil
         assert fast.stats.latent_vectors == 2  # 8 hidden states, mean-pooled by 4
 
 
+@pytest.mark.parametrize("mode", ["latent", "text"])
+def test_dream_planner_naive_loop_is_dreams_sampler(parts, mode):
+    model = tiny_model(parts["p_tok"], causal=False, seed=23, std=0.2)
+    planner = DiffusionPlanner(model, family="dream")
+    kw = dict(
+        planner_tokenizer=parts["p_tok"],
+        executor_tokenizer=parts["e_tok"],
+        planner_kwargs={"gen_length": 8, "steps": 4, "alg": "entropy"},
+        executor_kwargs=EK,
+        mode=mode,
+    )
+    projector = parts["projector"] if mode == "latent" else None
+    fast = HybridPipeline(planner, parts["executor"], projector, **kw)(QUESTIONS)
+    naive = HybridPipeline(planner, parts["executor"], projector, naive=True, **kw)(QUESTIONS)
+    assert naive.plan_ids == fast.plan_ids and naive.answer_ids == fast.answer_ids
+    assert naive.stats.plan_steps == fast.stats.plan_steps == 4
+    llada_kw = kw | {"planner_kwargs": {"gen_length": 8, "steps": 4, "cfg_scale": 1.0}}
+    with pytest.raises(
+        ValueError, match=r"naive=True runs Dream's diffusion_generate, which has no \['cfg_scale'\]"
+    ):
+        HybridPipeline(planner, parts["executor"], projector, naive=True, **llada_kw)(QUESTIONS)
+
+
 def test_kwargs_pass_through(parts):
     pipe = pipeline(parts, "latent")
     out = pipe(QUESTIONS[:2], planner_kwargs={"gen_length": 8, "steps": 4, "block_length": 8})
