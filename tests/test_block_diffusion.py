@@ -336,3 +336,13 @@ def test_bad_prompts_and_constructor():
         block_diffusion_generate(
             planner.model, ids, family="sdar", mask_id=MASK, gen_length=6, block_length=4
         )
+
+
+def test_backend_names_every_op_and_the_per_op_ones_override_it():
+    model = _model("sdar")
+    both = BlockDiffusionPlanner(model, family="sdar", mask_id=MASK, backend="reference")
+    assert (both.backend, both.unmask_backend) == ("reference", "reference")
+    one = BlockDiffusionPlanner(
+        model, family="sdar", mask_id=MASK, backend="reference", unmask_backend="triton"
+    )
+    assert (one.backend, one.unmask_backend) == ("reference", "triton")

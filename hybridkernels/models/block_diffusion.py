@@ -185,7 +185,9 @@ class BlockDiffusionPlanner:
     Plugs into :class:`~hybridkernels.pipeline.HybridPipeline` like
     :class:`~hybridkernels.models.DiffusionPlanner`: ``generate(ids, mask, return_hidden=...)``
     returns a :class:`~hybridkernels.models.PlannerOutput` with the final hidden states of the
-    plan, and ``model``, ``mask_id``, ``eos_id``, ``eot_id`` are there.
+    plan, and ``model``, ``mask_id``, ``eos_id``, ``eot_id`` are there. ``backend`` is the backend
+    of every op it runs (as ``DiffusionPlanner``'s); ``attention_backend`` / ``unmask_backend``
+    override it for one op.
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class BlockDiffusionPlanner:
         mask_id: int,
         block_length: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        backend: str | None = None,
         attention_backend: str | None = None,
         unmask_backend: str | None = None,
     ):
@@ -210,8 +213,8 @@ class BlockDiffusionPlanner:
         self.block_length = check_positive_int(WHERE, "block_length", default_block)
         stops = _DEFAULTS[family]["stop"] if stop_token_ids is None else tuple(stop_token_ids)
         self.stop_token_ids = tuple(int(t) for t in stops)
-        self.backend = attention_backend
-        self.unmask_backend = unmask_backend
+        self.backend = attention_backend or backend
+        self.unmask_backend = unmask_backend or backend
 
     @property
     def eos_id(self) -> int | None:
@@ -230,6 +233,7 @@ class BlockDiffusionPlanner:
         dtype: torch.dtype | None = None,
         device=None,
         mask_id: int | None = None,
+        backend: str | None = None,
         attention_backend: str | None = None,
     ) -> BlockDiffusionPlanner:
         """Load an SDAR or Fast-dLLM v2 directory (``config.json`` + ``*.safetensors``).
@@ -259,7 +263,7 @@ class BlockDiffusionPlanner:
             dtype=dtype or state["embed_tokens.weight"].dtype,
             device=device or "cpu",
             causal=False,
-            attention_backend=attention_backend,
+            attention_backend=attention_backend or backend,
         )
         if mask_id is None:
             mask_id = data.get("mask_token_id", _DEFAULTS[held]["mask_id"])
@@ -269,6 +273,7 @@ class BlockDiffusionPlanner:
             mask_id=mask_id,
             block_length=data.get(_BLOCK_KEY[held]),
             stop_token_ids=_stop_ids_of(path, data, held),
+            backend=backend,
             attention_backend=attention_backend,
         )
 
