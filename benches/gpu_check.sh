@@ -81,9 +81,10 @@ tail -15 "$out/tests.log"
 
 echo "== benchmarks =="
 # (module, seconds): the estimated H100 time of its quick cases (process start, model creation,
-# Triton compiles and autotuning included) plus a margin; in order of priority.
+# Triton compiles and autotuning included) plus a margin; in order of priority (the last ones run
+# in whatever is left of the budget).
 export HYBRIDKERNELS_BENCH_QUICK=1
-for spec in attention:65 unmask:50 decode:40 executor:80 planner:90 pipeline:70; do
+for spec in attention:65 unmask:50 decode:40 executor:80 planner:90 pipeline:70 block_diffusion:45 dream:45 tp:20; do
   module=${spec%%:*}
   run_limited "bench_$module" "${spec##*:}" pytest "benches/bench_$module.py" -q -p no:cacheprovider \
     --benchmark-json="$out/bench_$module.json" --benchmark-columns=median,rounds \
