@@ -153,17 +153,13 @@ def test_naive_loops_give_the_same_answers(parts, mode):
     assert naive.stats.plan_steps == fast.stats.plan_steps
 
 
-@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
-@pytest.mark.parametrize("mode", ["latent", "text"])
-def test_block_diffusion_planner_plugs_in_and_its_naive_loop_agrees(parts, family, mode):
-    p_model = tiny_model(parts["p_tok"], causal=False, seed=21, std=0.2)
-    planner = BlockDiffusionPlanner(
-        p_model, family=family, mask_id=parts["p_tok"].mask_token_id, block_length=4
-    )
+def fast_and_naive(parts, planner, mode, planner_kwargs):
+    """The pipeline around ``planner`` on the fast paths and on the naive loops; checks that both
+    give the same plans and answers and returns both outputs."""
     kw = dict(
         planner_tokenizer=parts["p_tok"],
         executor_tokenizer=parts["e_tok"],
-        planner_kwargs={"gen_length": 8, "stop_token_ids": (parts["p_tok"].eos_token_id,)},
+        planner_kwargs=planner_kwargs,
         executor_kwargs=EK,
         mode=mode,
     )
@@ -171,6 +167,18 @@ def test_block_diffusion_planner_plugs_in_and_its_naive_loop_agrees(parts, famil
     fast = HybridPipeline(planner, parts["executor"], projector, **kw)(QUESTIONS)
     naive = HybridPipeline(planner, parts["executor"], projector, naive=True, **kw)(QUESTIONS)
     assert naive.plan_ids == fast.plan_ids and naive.answer_ids == fast.answer_ids
+    return fast, naive
+
+
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2"])
+@pytest.mark.parametrize("mode", ["latent", "text"])
+def test_block_diffusion_planner_plugs_in_and_its_naive_loop_agrees(parts, family, mode):
+    p_model = tiny_model(parts["p_tok"], causal=False, seed=21, std=0.2)
+    planner = BlockDiffusionPlanner(
+        p_model, family=family, mask_id=parts["p_tok"].mask_token_id, block_length=4
+    )
+    pk = {"gen_length": 8, "stop_token_ids": (parts["p_tok"].eos_token_id,)}
+    fast, naive = fast_and_naive(parts, planner, mode, pk)
     assert fast.stats.plan_tokens == 8 * len(QUESTIONS) and not fast.stats.naive and naive.stats.naive
     if mode == "latent":
         assert fast.stats.latent_vectors == 2  # 8 hidden states, mean-pooled by 4
@@ -180,23 +188,18 @@ def test_block_diffusion_planner_plugs_in_and_its_naive_loop_agrees(parts, famil
 def test_dream_planner_naive_loop_is_dreams_sampler(parts, mode):
     model = tiny_model(parts["p_tok"], causal=False, seed=23, std=0.2)
     planner = DiffusionPlanner(model, family="dream")
-    kw = dict(
+    fast, naive = fast_and_naive(parts, planner, mode, {"gen_length": 8, "steps": 4, "alg": "entropy"})
+    assert naive.stats.plan_steps == fast.stats.plan_steps == 4
+    llada_kw = dict(
         planner_tokenizer=parts["p_tok"],
         executor_tokenizer=parts["e_tok"],
-        planner_kwargs={"gen_length": 8, "steps": 4, "alg": "entropy"},
-        executor_kwargs=EK,
+        planner_kwargs={"gen_length": 8, "steps": 4, "cfg_scale": 1.0},
         mode=mode,
     )
-    projector = parts["projector"] if mode == "latent" else None
-    fast = HybridPipeline(planner, parts["executor"], projector, **kw)(QUESTIONS)
-    naive = HybridPipeline(planner, parts["executor"], projector, naive=True, **kw)(QUESTIONS)
-    assert naive.plan_ids == fast.plan_ids and naive.answer_ids == fast.answer_ids
-    assert naive.stats.plan_steps == fast.stats.plan_steps == 4
-    llada_kw = kw | {"planner_kwargs": {"gen_length": 8, "steps": 4, "cfg_scale": 1.0}}
     with pytest.raises(
         ValueError, match=r"naive=True runs Dream's diffusion_generate, which has no \['cfg_scale'\]"
     ):
-        HybridPipeline(planner, parts["executor"], projector, naive=True, **llada_kw)(QUESTIONS)
+        HybridPipeline(planner, parts["executor"], parts["projector"], naive=True, **llada_kw)(QUESTIONS)
 
 
 def test_kwargs_pass_through(parts):

@@ -134,14 +134,7 @@ def read_family(path: str | Path) -> tuple[str, dict]:
     """``(family, config dict)`` of checkpoint directory ``path``; ValueError naming what the
     directory holds when it is not SDAR or Fast-dLLM v2."""
     file = Path(path) / "config.json"
-    if not file.is_file():
-        raise ValueError(f"{WHERE}.from_pretrained: {path} has no config.json")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file}: not a readable JSON config ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    data = checkpoint.read_config_json(path, f"{WHERE}.from_pretrained")
     model_type = str(data.get("model_type", "")).lower()
     if model_type not in MODEL_TYPES:
         held = "LLaDA" if (model_type == "llada" or "d_model" in data) else repr(data.get("model_type"))

@@ -258,18 +258,26 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise ValueError(f"{index}: tensors listed but absent from the shards: {absent[:MAX_LISTED]}")
 
 
-def read_config(path: str | Path, overrides: Mapping | None = None) -> TransformerConfig:
-    """The :class:`TransformerConfig` of checkpoint directory ``path`` (its ``config.json``)."""
-    path = Path(path)
-    file = path / "config.json"
+def read_config_json(path: str | Path, where: str = "load_pretrained") -> dict:
+    """The JSON object in checkpoint directory ``path``'s ``config.json``; a ValueError naming
+    the directory or the file when it is missing, unreadable or not an object."""
+    file = Path(path) / "config.json"
     if not file.is_file():
-        raise ValueError(f"load_pretrained: {path} has no config.json")
+        raise ValueError(f"{where}: {path} has no config.json")
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{file}: not a readable JSON config ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(path: str | Path, overrides: Mapping | None = None) -> TransformerConfig:
+    """The :class:`TransformerConfig` of checkpoint directory ``path`` (its ``config.json``)."""
+    path = Path(path)
+    file = path / "config.json"
+    data = read_config_json(path)
     try:
         return TransformerConfig.from_dict(data, **(overrides or {}))
     except (ValueError, TypeError) as exc:
