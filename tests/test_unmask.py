@@ -623,3 +623,179 @@ def test_dream_rules_when_sampling_do_not_depend_on_the_draw_or_tiling(device, r
     for out in runs:
         torch.testing.assert_close(out.confidence, greedy.confidence, rtol=1e-5, atol=1e-6)
         assert torch.equal(out.committed, greedy.committed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary shards (tensor parallel): ranks simulated in one process
+# ---------------------------------------------------------------------------------------------
+
+SHARD_CASES = {
+    "greedy": dict(num_transfer=torch.tensor([2, 3])),
+    "threshold": dict(threshold=0.05),
+    "sampled": dict(num_transfer=torch.tensor([2, 1]), temperature=0.8),
+    "random": dict(num_transfer=torch.tensor([3, 1]), remasking="random", temperature=0.5),
+    "topk_margin": dict(threshold=0.1, remasking="topk_margin"),
+    "entropy": dict(num_transfer=torch.tensor([3, 2]), remasking="entropy", temperature=0.7),
+    # a banned id in every shard but the first; a deferred id; two masked rows fewer
+    "banned": dict(
+        num_transfer=torch.tensor([1, 2]), banned_token_ids=(40, 70, 100), deferred_token_ids=(3,)
+    ),
+}
+
+
+def shard_inputs(seed, V, dtype, device):
+    g = torch.Generator().manual_seed(seed)
+    B, L, Lr, d, start = 2, 11, 7, 16, 3
+    x = make_tokens(B, L, V, V - 1, start, Lr, 0.8, g)
+    hidden = torch.randn(B, Lr, d, generator=g).to(device, dtype)
+    lm_head = torch.randn(V, d, generator=g).to(device, dtype)
+    return x.to(device), hidden, lm_head, dict(mask_id=V - 1, start=start)
+
+
+def run_sharded(x, hidden, lm_head, world, seed, split_len, **kwargs):
+    """Every simulated rank's kernel on its rows ``[r * chunk, (r + 1) * chunk)`` of the head, the
+    partials "all-gathered" (stacked in rank order, each row's splits side by side) between the two
+    stages. Returns every rank's result and every rank's own partials (what ``exchange`` got)."""
+    V = lm_head.shape[0]
+    chunk = -(-V // world)
+    bounds = [(r * chunk, min(V, (r + 1) * chunk)) for r in range(world)]
+
+    def step(r, exchange):
+        v0, v1 = bounds[r]
+        gen = torch.Generator(x.device).manual_seed(seed)  # the same state on every rank
+        return tri.unmask_step(
+            x.clone(), hidden=hidden, lm_head=lm_head[v0:v1], config=FUSED_CONFIG, split_len=split_len,
+            vocab_start=v0, vocab_size=V, vocab_chunk=chunk, exchange=exchange, generator=gen, **kwargs,
+        )  # fmt: skip
+
+    own = []
+    for r in range(world):
+
+        def grab(part_f, part_i, n_rows, n_splits):
+            own.append((part_f.clone(), part_i.clone(), n_rows, n_splits))
+            return part_f, part_i, n_splits
+
+        step(r, grab)
+
+    def gathered(part_f, part_i, n_rows, n_splits):
+        assert all(o[2:] == (n_rows, n_splits) for o in own)  # every rank sized the same splits
+
+        def cat(k):
+            every = torch.stack([o[k].view(-1, n_rows, n_splits) for o in own], dim=2)
+            return every.reshape(every.shape[0], -1).contiguous()  # [fields, row, rank, split]
+
+        return cat(0), cat(1), world * n_splits
+
+    return [step(r, gathered) for r in range(world)], own, bounds
+
+
+@pytest.mark.parametrize("case", SHARD_CASES)
+@pytest.mark.parametrize(
+    "V, world, split_len, dtype",
+    [
+        (128, 2, 32, torch.float32),  # splits aligned with the single device's: bit-identical
+        (130, 4, 32, torch.float16),  # shards of 33, 33, 33, 31 rows: partial and empty splits
+        (100, 3, None, torch.float32),  # splits sized from vocab_chunk = 34
+    ],
+)
+def test_vocabulary_shards_equal_the_single_device_kernel(device, case, V, world, split_len, dtype):
+    """Global token ids on every shard: the same tokens, samples (the Philox counter row * V + id),
+    ban list and commits as the kernel on the whole head, on every rank; the confidences bit-equal
+    when the shards' splits are the single device's, else equal up to the sum's rounding."""
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in SHARD_CASES[case].items()}
+    x, hidden, lm_head, common = shard_inputs(len(case) + V, V, dtype, device)
+    kwargs.update(common)
+    gen = torch.Generator(device).manual_seed(5)
+    ref = tri.unmask_step(
+        x.clone(),
+        hidden=hidden,
+        lm_head=lm_head,
+        config=FUSED_CONFIG,
+        split_len=split_len,
+        generator=gen,
+        **kwargs,
+    )
+    outs, _, _ = run_sharded(x, hidden, lm_head, world, 5, split_len, **kwargs)
+    for out in outs:
+        if V % (world * 32) == 0 and split_len == 32:
+            _assert_same_with_nan(ref, out)
+            assert torch.equal(torch.isnan(out.confidence), torch.isnan(ref.confidence))
+            assert torch.equal(out.confidence.nan_to_num(), ref.confidence.nan_to_num())
+        else:
+            assert_same(ref, out)
+    if case == "banned":
+        assert not torch.isin(
+            outs[0].tokens[outs[0].committed], torch.tensor([40, 70, 100], device=device)
+        ).any()
+
+
+def test_vocabulary_shard_partials_layout(device):
+    """What ``exchange`` receives: the shard's float32 / int32 partials, column row * n_splits +
+    split, with the max and the first argmax of the split's global token range (the reference's
+    scores), a banned token never the argmax, and empty splits of a short last shard -inf."""
+    V, world, split_len = 130, 4, 32
+    x, hidden, lm_head, common = shard_inputs(3, V, torch.float32, device)
+    banned = (34,)
+    _, own, bounds = run_sharded(
+        x,
+        hidden,
+        lm_head,
+        world,
+        0,
+        split_len,
+        num_transfer=torch.tensor([1, 1], device=device),
+        banned_token_ids=banned,
+        **common,
+    )
+    scores = (hidden.double() @ lm_head.double().T).float()  # [B, Lr, V]
+    scores[..., list(banned)] = float("-inf")
+    B, Lr = hidden.shape[:2]
+    masked = (x[:, common["start"] : common["start"] + Lr] == common["mask_id"]).reshape(-1)
+    for r, ((part_f, part_i, n_rows, n_splits), (v0, v1)) in enumerate(zip(own, bounds, strict=True)):
+        assert (n_rows, n_splits) == (B * Lr, 2)  # from vocab_chunk = 33, the same on every rank
+        assert part_f.dtype == torch.float32 and part_f.shape == (2, n_rows * n_splits)
+        assert part_i.dtype == torch.int32 and part_i.shape == (1, n_rows * n_splits)
+        m = part_f[0].view(n_rows, n_splits)[masked]
+        arg = part_i[0].view(n_rows, n_splits)[masked]
+        for split in range(n_splits):
+            g0, g1 = v0 + split * split_len, min(v1, v0 + (split + 1) * split_len)
+            if g0 >= g1:  # rank 3 holds 31 rows: its second split is empty
+                assert r == 3 and torch.all(m[:, split] == float("-inf"))
+                continue
+            window = scores.reshape(n_rows, V)[masked, g0:g1]
+            torch.testing.assert_close(m[:, split], window.max(dim=-1).values, rtol=1e-5, atol=1e-5)
+            assert torch.equal(arg[:, split].long(), window.argmax(dim=-1) + g0)
+    assert not torch.isin(torch.cat([o[1][0] for o in own]), torch.tensor(banned, device=device)).any()
+
+
+def test_vocabulary_shard_bad_arguments_leave_x_untouched():
+    x, hidden, lm_head, common = shard_inputs(1, 64, torch.float32, "cpu")
+    x0 = x.clone()
+    shard = lm_head[32:]
+    call = dict(hidden=hidden, config=FUSED_CONFIG, split_len=32, num_transfer=torch.tensor([1, 1]), **common)
+    logits = (hidden @ lm_head.T).contiguous()
+    for kw in (dict(vocab_start=32), dict(vocab_size=64), dict(vocab_chunk=64), dict(exchange=lambda *a: a)):
+        with pytest.raises(ValueError, match="need the fused path"):
+            tri.unmask_step(x, logits=logits, num_transfer=torch.tensor([1, 1]), **common, **kw)
+    with pytest.raises(
+        ValueError, match=r"rows \[vocab_start, vocab_start \+ V_local\) = \[40, 72\) are outside"
+    ):
+        tri.unmask_step(x, lm_head=shard, vocab_start=40, vocab_size=64, **call)
+    with pytest.raises(ValueError, match=r"rows .* = \[-1, 31\) are outside"):
+        tri.unmask_step(x, lm_head=shard, vocab_start=-1, vocab_size=64, **call)
+    with pytest.raises(ValueError, match="vocab_chunk = 16 is shorter than the shard's 32 rows"):
+        tri.unmask_step(x, lm_head=shard, vocab_start=32, vocab_size=64, vocab_chunk=16, **call)
+    with pytest.raises(TypeError, match="vocab_start must be an int"):
+        tri.unmask_step(x, lm_head=shard, vocab_start=32.0, vocab_size=64, **call)
+    with pytest.raises(TypeError, match="exchange must be callable"):
+        tri.unmask_step(x, lm_head=shard, vocab_start=32, vocab_size=64, exchange=1, **call)
+    shard_call = dict(lm_head=shard, vocab_start=32, vocab_size=64, vocab_chunk=32, **call)
+    with pytest.raises(TypeError, match=r"exchange must return \(part_f, part_i, n_splits\)"):
+        tri.unmask_step(x, exchange=lambda f, i, rows, n: (f, i), **shard_call)
+    with pytest.raises(ValueError, match="exchange returned n_splits = 0"):
+        tri.unmask_step(x, exchange=lambda f, i, rows, n: (f, i, 0), **shard_call)
+    with pytest.raises(ValueError, match=r"exchange's part_f must be a contiguous \[2, 28\] tensor"):
+        tri.unmask_step(x, exchange=lambda f, i, rows, n: (f, i, 2), **shard_call)
+    with pytest.raises(TypeError, match="exchange's part_i must be a torch.int32 tensor"):
+        tri.unmask_step(x, exchange=lambda f, i, rows, n: (f, i.long(), n), **shard_call)
+    assert torch.equal(x, x0)

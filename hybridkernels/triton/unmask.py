@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -156,8 +157,8 @@ def _store_partials(
     SAMPLE: tl.constexpr, RULE: tl.constexpr,
 ):  # fmt: skip
     """Partials layout: float32 ``[2, 4 or 5, n_part]`` (max, sumexp[, gumbel max, its logit]
-    [, the rule's aux at row 4]) and int32 ``[1 or 2, n_part]`` (argmax[, gumbel argmax]);
-    ``idx = row * n_splits + split``."""
+    [, the rule's aux at row 4]) and int32 ``[1 or 2, n_part]`` (argmax[, gumbel argmax], global
+    token ids); ``idx = row * n_splits + split``."""
     tl.store(part_f_ptr + idx, m, mask=mask)
     tl.store(part_f_ptr + n_part + idx, s, mask=mask)
     tl.store(part_i_ptr + idx, arg, mask=mask)
@@ -256,6 +257,8 @@ def _lm_head_partials_kernel(
     split_len,
     n_splits,
     n_part,
+    vocab_start,
+    V_local,
     stride_hb,
     stride_hl,
     stride_wv,
@@ -279,8 +282,8 @@ def _lm_head_partials_kernel(
     h_rows = hidden_ptr + b.to(tl.int64) * stride_hb + (rows - b * Lr).to(tl.int64) * stride_hl
     offs_k = tl.arange(0, BLOCK_K)
     seed = tl.load(seed_ptr) if SAMPLE else 0
-    v_start = split * split_len
-    v_end = tl.minimum(v_start + split_len, V)
+    v_start = split * split_len  # local: row v of lm_head is token vocab_start + v
+    v_end = tl.minimum(v_start + split_len, V_local)
 
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
@@ -303,17 +306,20 @@ def _lm_head_partials_kernel(
             w_ptrs += BLOCK_K
             h_ptrs += BLOCK_K
         scores = tl.where(v_ok[:, None], acc, float("-inf"))
-        scores = _ban(scores, offs_v, banned_ptr, n_banned)
+        # Global token ids from here on: the ban list, the argmax and the Philox counter row * V + id.
+        g_offs = offs_v + vocab_start
+        scores = _ban(scores, g_offs, banned_ptr, n_banned)
         m, s, arg, gmax, garg, glogit, aux = _fold_tile(
-            scores, v0, offs_v, rows, m, s, arg, gmax, garg, glogit, aux, seed, inv_temp, V, SAMPLE, RULE
-        )
+            scores, v0 + vocab_start, g_offs, rows, m, s, arg, gmax, garg, glogit, aux, seed, inv_temp, V,
+            SAMPLE, RULE,
+        )  # fmt: skip
     idx = rows * n_splits + split
     _store_partials(
         part_f_ptr, part_i_ptr, idx, row_ok, n_part, m, s, arg, gmax, garg, glogit, aux, SAMPLE, RULE
     )
 
 
-_LM_HEAD_KEY = ["V", "D", "split_len", "n_part", "SAMPLE", "RULE"]
+_LM_HEAD_KEY = ["V", "V_local", "D", "split_len", "n_part", "SAMPLE", "RULE"]
 _lm_head_partials_tuned = {
     False: triton.autotune(LM_HEAD_CONFIGS, key=_LM_HEAD_KEY)(_lm_head_partials_kernel),
     True: triton.autotune(LM_HEAD_CONFIGS_FP32, key=_LM_HEAD_KEY)(_lm_head_partials_kernel),
@@ -540,6 +546,47 @@ def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch
     return seed.to(device)
 
 
+def _check_shard(vocab_start, V_local: int, V, chunk, exchange) -> None:
+    """``ValueError`` / ``TypeError`` naming the vocabulary-shard argument that is out of range."""
+    for name, value in (("vocab_start", vocab_start), ("vocab_size", V), ("vocab_chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"unmask_step: {name} must be an int, got {type(value).__name__}")
+    if not 0 <= vocab_start <= vocab_start + V_local <= V:
+        raise ValueError(
+            f"unmask_step: lm_head's rows [vocab_start, vocab_start + V_local) = [{vocab_start}, "
+            f"{vocab_start + V_local}) are outside the vocabulary [0, vocab_size = {V})"
+        )
+    if V >= 2**31:
+        raise ValueError(f"unmask_step: vocab_size = {V} does not fit the kernel's int32 token ids")
+    if chunk < max(V_local, 1):
+        raise ValueError(f"unmask_step: vocab_chunk = {chunk} is shorter than the shard's {V_local} rows")
+    if exchange is not None and not callable(exchange):
+        raise TypeError(f"unmask_step: exchange must be callable, got {type(exchange).__name__}")
+
+
+def _exchanged(exchange, part_f, part_i, n_rows: int, n_splits: int):
+    """``exchange``'s partials of the whole vocabulary, checked against the commit kernel's layout."""
+    out = exchange(part_f, part_i, n_rows, n_splits)
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise TypeError("unmask_step: exchange must return (part_f, part_i, n_splits)")
+    new_f, new_i, total = out
+    if isinstance(total, bool) or not isinstance(total, int) or total < n_splits:
+        raise ValueError(
+            f"unmask_step: exchange returned n_splits = {total!r}, fewer than the shard's {n_splits}"
+        )
+    for name, new, old in (("part_f", new_f, part_f), ("part_i", new_i, part_i)):
+        shape = (old.shape[0], n_rows * total)
+        if not isinstance(new, torch.Tensor) or new.dtype != old.dtype or new.device != old.device:
+            raise TypeError(f"unmask_step: exchange's {name} must be a {old.dtype} tensor on {old.device}")
+        if tuple(new.shape) != shape or not new.is_contiguous():
+            raise ValueError(
+                f"unmask_step: exchange's {name} must be a contiguous {list(shape)} tensor "
+                f"([fields, n_rows * n_splits]), got {list(new.shape)}"
+                + ("" if new.is_contiguous() else " (not contiguous)")
+            )
+    return new_f, new_i, total
+
+
 def unmask_step(
     x: torch.Tensor,
     *,
@@ -557,21 +604,52 @@ def unmask_step(
     generator: torch.Generator | None = None,
     config: dict | None = None,
     split_len: int | None = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    vocab_chunk: int | None = None,
+    exchange: Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, int]]
+    | None = None,
 ) -> UnmaskResult:
     """Triton ``unmask_step`` (arguments already checked by :func:`hybridkernels.ops.unmask_step`).
 
     ``config`` (e.g. ``{"BLOCK_V": 64}``, or ``{"BLOCK_V", "BLOCK_R", "BLOCK_K"}`` for the fused
     path, plus optional ``num_warps``/``num_stages``) skips the autotuner; ``split_len`` (a multiple
     of ``BLOCK_V``) fixes the vocabulary split. Both are for tests and tuning.
+
+    Vocabulary shard (fused path only; tensor parallel, see
+    :mod:`hybridkernels.distributed.unmask`): ``lm_head [V_local, d]`` holds the global rows
+    ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-token vocabulary (default: the
+    whole vocabulary, ``vocab_start = 0``). Ban list, argmax and the Philox counter
+    ``row * vocab_size + token`` use global ids, so a shard draws exactly the noise one device
+    draws for its tokens. ``vocab_chunk`` (default ``V_local``, ``>= V_local``) is the length the
+    splits are sized from: ranks that pass the same one (e.g. ``ceil(V / N)``) and the same
+    ``split_len`` or none have the same ``n_splits``. After the partial stage,
+    ``exchange(part_f, part_i, n_rows, n_splits)`` gets this shard's partials (float32
+    ``[n_f, n_rows * n_splits]`` and int32 ``[n_i, n_rows * n_splits]``, column
+    ``row * n_splits + split``, ``row = b * Lr + r``; rows that are not masked hold garbage) and
+    returns ``(part_f, part_i, n_splits_total)``: the same fields for every split of the whole
+    vocabulary, contiguous, column ``row * n_splits_total + split`` with the splits in vocabulary
+    order (the first maximum wins ties). The commit stage then merges those, so every caller that
+    exchanges the same partials commits the same tokens. Without ``exchange`` the shard is
+    committed on its own (its tokens only).
     """
     device = x.device
     B, _ = x.shape
     fused = logits is None
     if fused:
         _, Lr, D = hidden.shape
-        V = lm_head.shape[0]
+        V_local = lm_head.shape[0]
+        V = V_local if vocab_size is None else vocab_size
+        chunk = V_local if vocab_chunk is None else vocab_chunk
+        _check_shard(vocab_start, V_local, V, chunk, exchange)
     else:
         _, Lr, V = logits.shape
+        chunk = V
+        if (vocab_start, vocab_size, vocab_chunk, exchange) != (0, None, None, None):
+            raise ValueError(
+                "unmask_step: vocab_start, vocab_size, vocab_chunk and exchange shard the LM head's "
+                "vocabulary: they need the fused path (hidden + lm_head), not logits"
+            )
     n_rows = B * Lr
     sample = temperature > 0
     random = remasking == "random"
@@ -598,8 +676,8 @@ def unmask_step(
         else:
             align = LOGITS_SPLIT_ALIGN if config is None else config["BLOCK_V"]
             per_split = n_rows
-        split_len = _split_length(V, per_split, _target_programs(device), align)
-    n_splits = triton.cdiv(V, split_len)
+        split_len = _split_length(chunk, per_split, _target_programs(device), align)
+    n_splits = triton.cdiv(chunk, split_len)
     n_part = n_rows * n_splits
     part_f = torch.empty((5 if rule else 4 if sample else 2, n_part), dtype=torch.float32, device=device)
     part_i = torch.empty((2 if sample else 1, n_part), dtype=torch.int32, device=device)
@@ -633,6 +711,8 @@ def unmask_step(
                 rows_ptr=rows,
                 n_rows_ptr=flat.sum(dtype=torch.int32).reshape(1),
                 D=D,
+                vocab_start=vocab_start,
+                V_local=V_local,
                 stride_hb=hidden.stride(0),
                 stride_hl=hidden.stride(1),
                 stride_wv=lm_head.stride(0),
@@ -649,6 +729,9 @@ def unmask_step(
                 stride_lv=logits.stride(2),
                 **shared,
             )
+        if exchange is not None:  # fused only (checked above): every shard's splits, in vocabulary order
+            part_f, part_i, n_splits = _exchanged(exchange, part_f, part_i, n_rows, n_splits)
+            n_part = n_rows * n_splits
 
         tokens = torch.empty((B, Lr), dtype=torch.int64, device=device)
         confidence = torch.empty((B, Lr), dtype=torch.float32, device=device)
