@@ -378,6 +378,66 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
 #endif
 }
 
+// The fused unmask scoring pass on host memory: hidden [R, d] and lm_head [V, d] (strides in
+// elements), banned ids (any order, repeats allowed), and four output buffers of R
+// elements that the caller allocated: int64 argmax, float32 max / second logit, float64 sum of
+// exponentials. See UnmaskScoreArgs.
+void unmask_scores(uintptr_t hidden, uintptr_t lm_head, const std::vector<int64_t>& hidden_shape,
+                   const std::vector<int64_t>& lm_head_shape,
+                   const std::vector<int64_t>& hidden_strides,
+                   const std::vector<int64_t>& lm_head_strides, int dtype,
+                   std::vector<int64_t> banned, uintptr_t argmax, uintptr_t max_logit,
+                   uintptr_t second_logit, uintptr_t sum_exp, int device) {
+  HK_CHECK(device == -1, "unmask_scores: only the CPU implementation exists (device -1), got ",
+           device);
+  HK_CHECK(hidden_shape.size() == 2, "hidden_shape: expected [R, d], got ", hidden_shape.size(),
+           " dims");
+  HK_CHECK(lm_head_shape.size() == 2, "lm_head_shape: expected [V, d], got ",
+           lm_head_shape.size(), " dims");
+  HK_CHECK(hidden_strides.size() == 2 && lm_head_strides.size() == 2,
+           "unmask_scores: expected 2 strides for hidden and for lm_head");
+  UnmaskScoreArgs a{};
+  a.R = hidden_shape[0];
+  a.d = hidden_shape[1];
+  a.V = lm_head_shape[0];
+  HK_CHECK(a.R >= 1 && a.d >= 1 && a.V >= 1, "unmask_scores: every size must be >= 1, got R=",
+           a.R, " d=", a.d, " V=", a.V);
+  HK_CHECK(lm_head_shape[1] == a.d, "lm_head_shape: expected [V, ", a.d,
+           "] (hidden's width), got [", a.V, ", ", lm_head_shape[1], "]");
+  HK_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
+           "dtype: expected a float code (0, 1, 2), got ", dtype);
+  for (int i = 0; i < 2; ++i)
+    HK_CHECK(hidden_strides[i] >= 0 && lm_head_strides[i] >= 0,
+             "unmask_scores: negative stride in hidden or lm_head");
+  const int64_t es = dtype_size(dtype);
+  const int64_t hs[2] = {a.R, a.d}, ws[2] = {a.V, a.d};
+  HK_CHECK(view_extent_bytes(hs, hidden_strides.data(), 2, es) >= 0,
+           "hidden: sizes x strides overflow int64");
+  HK_CHECK(view_extent_bytes(ws, lm_head_strides.data(), 2, es) >= 0,
+           "lm_head: sizes x strides overflow int64");
+  checked_numel("unmask_scores workspace", {a.R + 8, a.d});
+  for (uintptr_t p : {hidden, lm_head, argmax, max_logit, second_logit, sum_exp})
+    HK_CHECK(p != 0, "unmask_scores: null data pointer");
+  std::sort(banned.begin(), banned.end());
+  banned.erase(std::unique(banned.begin(), banned.end()), banned.end());
+  HK_CHECK(banned.empty() || (banned.front() >= 0 && banned.back() < a.V),
+           "banned: token ids must lie in [0, ", a.V, ")");
+  a.hidden = reinterpret_cast<const void*>(hidden);
+  a.lm_head = reinterpret_cast<const void*>(lm_head);
+  a.hidden_stride[0] = hidden_strides[0];
+  a.hidden_stride[1] = hidden_strides[1];
+  a.lm_head_stride[0] = lm_head_strides[0];
+  a.lm_head_stride[1] = lm_head_strides[1];
+  a.dtype = dtype;
+  a.banned = std::move(banned);
+  a.argmax = reinterpret_cast<int64_t*>(argmax);
+  a.max_logit = reinterpret_cast<float*>(max_logit);
+  a.second_logit = reinterpret_cast<float*>(second_logit);
+  a.sum_exp = reinterpret_cast<double*>(sum_exp);
+  py::gil_scoped_release release;
+  unmask_scores_cpu(a);
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef HK_WITH_CUDA
@@ -429,5 +489,13 @@ PYBIND11_MODULE(_C, m) {
         "Attention of one query per row (q [B, Hq, D]) over its first cache_lens[b] cache\n"
         "slots ([B, Lmax, Hkv, D]) after an optional shared prefix ([Lp, Hkv, D], first\n"
         "prefix_len rows); writes out [B, Hq, D] and lse [B, Hq] (float32, natural log).");
+  m.def("unmask_scores", &hk::unmask_scores, py::arg("hidden"), py::arg("lm_head"),
+        py::arg("hidden_shape"), py::arg("lm_head_shape"), py::arg("hidden_strides"),
+        py::arg("lm_head_strides"), py::arg("dtype"), py::arg("banned"), py::arg("argmax"),
+        py::arg("max_logit"), py::arg("second_logit"), py::arg("sum_exp"),
+        py::arg("device") = -1,
+        "Per row of hidden [R, d] @ lm_head[V, d].T without the logits: argmax (first index;\n"
+        "first NaN), max and second-largest logit, float64 sum of exp(logit - max); banned\n"
+        "ids score -inf. CPU only; one pass over lm_head.");
   m.def("build_info", &hk::build_info, "What this build of _C contains.");
 }

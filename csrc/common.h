@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace hk {
 
@@ -155,6 +156,27 @@ inline int64_t decode_workspace_floats(int64_t B, int64_t Hq, int64_t D, int num
   return num_splits > 1 ? B * Hq * int64_t(num_splits) * (D + 1) : 0;
 }
 
+// Arguments of the fused unmask scoring pass (unmask_scores_cpu). hidden [R, d] and lm_head
+// [V, d] share `dtype` (float codes); banned: sorted unique ids in [0, V) whose logit is -inf.
+// Per row r of logits = hidden @ lm_head.T it writes argmax[r] (first index of the maximum, or
+// of the first NaN: torch.argmax's rule), max_logit[r], second_logit[r] (the largest logit at
+// any other id; NaN for a NaN row) and sum_exp[r] = sum_v exp(logit - max) (float64 sum; NaN
+// when the max is NaN or +-inf).
+struct UnmaskScoreArgs {
+  const void* hidden;
+  int64_t hidden_stride[2];
+  const void* lm_head;
+  int64_t lm_head_stride[2];
+  int64_t R, V, d;
+  int dtype;
+  std::vector<int64_t> banned;
+  int64_t* argmax;
+  float* max_logit;
+  float* second_logit;
+  double* sum_exp;
+};
+
+void unmask_scores_cpu(const UnmaskScoreArgs& a);
 void kv_append_cpu(const KvAppendArgs& a);
 // num_splits == 0: one pass per row (auto); > 0: that many splits merged like the CUDA path.
 void decode_attention_cpu(DecodeArgs a);

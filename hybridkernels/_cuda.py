@@ -405,3 +405,39 @@ class StaticDecodeKernels:
             self.lse_strides, self.scale, self.dtype, 3, self.splits, self.device, self.stream,
         )  # fmt: skip
         return self.outputs[layer]
+
+
+def unmask_scores(
+    hidden: torch.Tensor, lm_head: torch.Tensor, banned_token_ids=()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_C.unmask_scores``: per row of ``logits = hidden @ lm_head.T`` without the logits.
+
+    ``hidden [R, d]`` and ``lm_head [V, d]``: CPU tensors of one float dtype (fp16 / bf16 are
+    converted to float32 a tile at a time); ``banned_token_ids``: ids in ``[0, V)`` whose logit
+    is ``-inf``. Returns ``(argmax int64 [R], max float32 [R], second float32 [R], sum_exp
+    float64 [R])``: the first index of the maximum (of the first NaN: ``torch.argmax``'s rule),
+    the maximum, the largest logit at any other index (NaN for a NaN row), and ``sum_v
+    exp(logit_v - max)`` (NaN when the maximum is NaN or infinite). The products are float32
+    FMAs in another order than torch's matmul: each logit within ``d * 2^-24 * ||h|| ||w_v||``
+    of the exact value. One pass over ``lm_head``, on the calling thread (the GIL is released).
+    """
+    for name, t in (("hidden", hidden), ("lm_head", lm_head)):
+        if t.device.type != "cpu":
+            raise ValueError(f"unmask_scores: {name} must be a CPU tensor, got {t.device}")
+        if t.dim() != 2:
+            raise ValueError(f"unmask_scores: {name} must be 2-d, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"unmask_scores: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if hidden.dtype != lm_head.dtype:
+        raise TypeError(f"unmask_scores: hidden is {hidden.dtype} but lm_head is {lm_head.dtype}")
+    R = hidden.shape[0]
+    argmax = torch.empty(R, dtype=torch.int64)
+    top, second = torch.empty(R), torch.empty(R)
+    sum_exp = torch.empty(R, dtype=torch.float64)
+    _C.unmask_scores(
+        hidden.data_ptr(), lm_head.data_ptr(), list(hidden.shape), list(lm_head.shape),
+        list(hidden.stride()), list(lm_head.stride()), DTYPE_CODES[hidden.dtype],
+        [int(t) for t in banned_token_ids], argmax.data_ptr(), top.data_ptr(), second.data_ptr(),
+        sum_exp.data_ptr(),
+    )  # fmt: skip
+    return argmax, top, second, sum_exp

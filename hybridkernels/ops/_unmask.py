@@ -21,10 +21,37 @@ def _triton_unmask_step(x, **kwargs) -> UnmaskResult:
     return triton_unmask_step(x, **kwargs)
 
 
+def _compiled_unmask_step(
+    x, *, logits, hidden, lm_head, temperature, remasking, generator, **kw
+) -> UnmaskResult:
+    # _C's one-pass scoring on the CPU; the reference whenever its margins cannot prove the
+    # commit is the reference's (near-ties, non-finite scores): see ops/_unmask_cpu.py.
+    from ._unmask_cpu import fused_cpu_unmask_step
+
+    res = fused_cpu_unmask_step(x, hidden=hidden, lm_head=lm_head, **kw)
+    if res is not None:
+        return res
+    return reference.unmask_step(
+        x,
+        hidden=hidden,
+        lm_head=lm_head,
+        temperature=temperature,
+        remasking=remasking,
+        generator=generator,
+        **kw,
+    )
+
+
+def _compiled_reason(x, logits, hidden, lm_head, args) -> str | None:
+    from ._unmask_cpu import unsupported_reason
+
+    return unsupported_reason(hidden, lm_head, logits, args.temperature, args.remasking, x.device)
+
+
 DISPATCH = OpBackends(
     OP,
-    {"triton": _triton_unmask_step, "reference": reference.unmask_step},
-    {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    {"triton": _triton_unmask_step, "cuda": _compiled_unmask_step, "reference": reference.unmask_step},
+    {"cuda": ("triton", "reference"), "cpu": ("cuda", "reference")},
 )
 IMPLEMENTATIONS, AUTO_ORDER = DISPATCH.implementations, DISPATCH.auto_order
 
@@ -75,7 +102,11 @@ def unmask_step(
         deferred_token_ids: candidates in this set get confidence ``-inf``: they rank last
             (LLaDA's ``confidence_eos_eot_inf``).
         seed, generator: randomness for ``temperature > 0`` / ``random`` (at most one of them).
-        backend: ``"triton"``, ``"reference"`` or None (env, then auto).
+        backend: ``"triton"``, ``"cuda"``, ``"reference"`` or None (env, then auto). ``"cuda"`` is
+            ``_C``'s CPU scoring pass (hidden + lm_head, temperature 0, ``low_confidence``), the
+            automatic choice on the CPU for those inputs: it commits only what margins prove the
+            reference commits and runs the reference otherwise (``ops/_unmask_cpu.py``); its
+            confidences are within ~1e-3 (relative) of the reference's, its commits equal.
 
     Returns :class:`UnmaskResult` ``(x, committed [B, Lr] bool, tokens [B, Lr] int64,
     confidence [B, Lr] float32)``. At temperature 0 every backend commits exactly what the
@@ -103,6 +134,9 @@ def unmask_step(
         seed=seed,
         generator=generator,
     )
-    name = DISPATCH.choose(backend, x.device)
+    # The compiled backend takes only the fused CPU argmax path; elsewhere auto moves on silently.
+    name = DISPATCH.choose(
+        backend, x.device, {"cuda": _compiled_reason(x, logits, hidden, lm_head, args)}, warn=False
+    )
     impl = IMPLEMENTATIONS[name]
     return UnmaskResult(*impl(x, logits=logits, hidden=hidden, lm_head=lm_head, **args.backend_kwargs()))

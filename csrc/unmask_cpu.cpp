@@ -1,0 +1,298 @@
+// C++ scoring pass of the fused unmask_step for host memory: hidden [R, d] against the LM head
+// [V, d] without materialising the [R, V] logits. The LM head streams through the cache once in
+// tiles of kTileV vocabulary rows; every tile is dotted with all R hidden rows (float32
+// multiply-adds, 16 lanes per row, the lanes summed in a fixed order), and each row folds the
+// tile into its running partials: first-index argmax, max and second-largest logit, and the sum
+// of exp(logit - max) in float64 (the partials the Triton kernel merges across programs).
+//
+// The rounding differs from torch's matmul + softmax; hybridkernels/ops/_unmask_cpu.py decides,
+// from the margins these partials give, whether the commit is certain to be the reference's.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "float_convert.h"
+
+namespace hk {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HK_UNMASK_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HK_UNMASK_CLONES
+#endif
+
+constexpr int kLanes = 16;  // one AVX-512 register, two AVX2 ones
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// By reference: a vector argument or return value would change the ABI between the clones.
+inline void load(Vec& v, const float* p) { std::memcpy(&v, p, sizeof(Vec)); }
+
+inline float lane_sum(const Vec& v) {
+  float s[kLanes];
+  std::memcpy(s, &v, sizeof(Vec));
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+
+// exp(x) of 16 lanes x <= 0 (x = logit - running max): Cody-Waite reduction to 2^n exp(r),
+// |r| <= ln2/2, and a degree-6 polynomial (relative error < 2e-7); 0 below -87 (and for -inf),
+// NaN stays NaN. Vector-extension arithmetic only, so every clone vectorises it.
+inline void exp_nonpos(Vec& out, const Vec& x) {
+  const Vec lo = Vec{} - 87.0f;
+  const Vec t = x < lo ? lo : x;
+  const Vec magic = Vec{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to integer
+  const Vec n = (t * 1.44269504088896341f + magic) - magic;
+  const Vec r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
+  Vec p = Vec{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const Lanes bits = (__builtin_convertvector(n, Lanes) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(Vec));
+  const Vec e = p * scale;
+  const Vec zero_below = x < lo ? Vec{} : e;
+  out = x != x ? x : zero_below;
+}
+
+struct RowState {
+  float max = -std::numeric_limits<float>::infinity();  // NaN once a NaN logit was seen
+  float second = -std::numeric_limits<float>::infinity();
+  int64_t arg = -1;
+  double sum = 0.0;  // of exp(logit - max); only meaningful while max is finite
+};
+
+#if defined(__clang__)
+#define HK_SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define HK_SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, Lanes{__VA_ARGS__})
+#endif
+
+// The 16 lane sums of x[0 .. 16) in one vector: lane j holds the sum of x[bit_reverse4(j)].
+// 15 shuffle pairs and adds instead of 16 x 15 scalar adds.
+inline void reduce16(Vec& out, const Vec* x) {
+  Vec y[8], z[4], u[2];
+  for (int i = 0; i < 8; ++i)
+    y[i] = HK_SHUFFLE2(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           HK_SHUFFLE2(x[2 * i], x[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    z[i] = HK_SHUFFLE2(y[2 * i], y[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           HK_SHUFFLE2(y[2 * i], y[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    u[i] = HK_SHUFFLE2(z[2 * i], z[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           HK_SHUFFLE2(z[2 * i], z[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  out = HK_SHUFFLE2(u[0], u[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+        HK_SHUFFLE2(u[0], u[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+constexpr int kBitReverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// Logits of RB hidden rows (h, row stride hs) against n LM-head rows (w, row stride ws, float32):
+// out[r * out_stride + j]. kLanes / RB LM-head rows at a time, so RB x that = 16 accumulators
+// (one reduction) and each loaded vector feeds several FMAs.
+template <int RB>
+HK_UNMASK_CLONES void dot_block(const float* h, int64_t hs, const float* w, int64_t ws, int64_t n,
+                                int64_t d, float* out, int64_t out_stride) {
+  constexpr int VB = kLanes / RB;
+  const int64_t dv = d - d % kLanes;
+  int64_t j = 0;
+  for (; j + VB <= n; j += VB) {
+    Vec acc[kLanes] = {};  // acc[r * VB + c]: hidden row r x LM-head row j + c
+    for (int64_t k = 0; k < dv; k += kLanes) {
+      Vec x[VB], hv;
+      for (int c = 0; c < VB; ++c) load(x[c], w + (j + c) * ws + k);
+      for (int r = 0; r < RB; ++r) {
+        load(hv, h + r * hs + k);
+        for (int c = 0; c < VB; ++c) acc[r * VB + c] += hv * x[c];
+      }
+    }
+    // Fed in bit-reversed order, the reduction leaves acc[i]'s sum in lane i.
+    Vec order[kLanes], sums;
+    for (int i = 0; i < kLanes; ++i) order[i] = acc[kBitReverse4[i]];
+    reduce16(sums, order);
+    float s[kLanes];
+    std::memcpy(s, &sums, sizeof(Vec));
+    if (dv < d) {
+      for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < VB; ++c)
+          for (int64_t k = dv; k < d; ++k) s[r * VB + c] += h[r * hs + k] * w[(j + c) * ws + k];
+    }
+    for (int r = 0; r < RB; ++r) std::memcpy(out + r * out_stride + j, s + r * VB, VB * sizeof(float));
+  }
+  for (; j < n; ++j) {
+    const float* w0 = w + j * ws;
+    Vec acc[RB] = {};
+    for (int64_t k = 0; k < dv; k += kLanes) {
+      Vec x0, hv;
+      load(x0, w0 + k);
+      for (int r = 0; r < RB; ++r) {
+        load(hv, h + r * hs + k);
+        acc[r] += hv * x0;
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      float t = lane_sum(acc[r]);
+      for (int64_t k = dv; k < d; ++k) t += h[r * hs + k] * w0[k];
+      out[r * out_stride + j] = t;
+    }
+  }
+}
+
+// Folds logits l[0 .. n) (vocabulary ids v0 ..) into one row's partials.
+HK_UNMASK_CLONES
+void fold_tile(RowState& st, const float* l, int64_t n, int64_t v0) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if (std::isnan(st.max)) return;  // the row's first NaN is its argmax; nothing else matters
+  const int64_t nv = n - n % kLanes;
+  Vec mx = Vec{} + kNegInf;
+  Lanes nan_seen = {};
+  for (int64_t j = 0; j < nv; j += kLanes) {
+    Vec x;
+    load(x, l + j);
+    mx = x > mx ? x : mx;
+    nan_seen |= x != x;
+  }
+  float lanes[kLanes];
+  std::memcpy(lanes, &mx, sizeof(Vec));
+  float tmax = kNegInf;
+  bool nan = false;
+  for (int i = 0; i < kLanes; ++i) tmax = std::max(tmax, lanes[i]), nan |= nan_seen[i] != 0;
+  for (int64_t j = nv; j < n; ++j) tmax = std::max(tmax, l[j]), nan |= std::isnan(l[j]);
+  if (nan) {
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(l[j])) {
+        st.max = l[j];
+        st.arg = v0 + j;
+        return;
+      }
+  }
+  if (st.arg < 0 && tmax == kNegInf) {
+    // Every logit so far is -inf (banned ids, or -inf scores): argmax is the first id.
+    st.arg = v0;
+    return;
+  }
+  if (tmax > st.max) {  // a new argmax in this tile: its first occurrence, the tile's runner-up
+    int64_t at = 0;
+    while (l[at] != tmax) ++at;
+    float runner = kNegInf;
+    for (int64_t j = 0; j < n; ++j)
+      if (j != at) runner = std::max(runner, l[j]);
+    if (std::isfinite(st.max)) st.sum *= std::exp(double(st.max) - double(tmax));
+    st.second = std::max(st.max, runner);
+    st.max = tmax;
+    st.arg = v0 + at;
+  } else {
+    st.second = std::max(st.second, tmax);
+  }
+  if (!std::isfinite(st.max)) return;  // +inf: the softmax is NaN (decided at the end)
+  // A tile holds at most 512 logits: 32 a lane, summed in float32, then the lanes in float64.
+  const Vec m = Vec{} + st.max;
+  Vec acc = {};
+  for (int64_t j = 0; j < nv; j += kLanes) {
+    Vec x, e;
+    load(x, l + j);
+    exp_nonpos(e, x - m);
+    acc += e;
+  }
+  float sums[kLanes];
+  std::memcpy(sums, &acc, sizeof(Vec));
+  double total = 0;
+  for (int i = 0; i < kLanes; ++i) total += sums[i];
+  if (nv < n) {
+    Vec x = Vec{} + kNegInf, e;
+    std::memcpy(&x, l + nv, sizeof(float) * (n - nv));
+    exp_nonpos(e, x - m);
+    std::memcpy(sums, &e, sizeof(Vec));
+    for (int64_t j = 0; j < n - nv; ++j) total += sums[j];
+  }
+  st.sum += total;
+}
+
+template <typename T>
+void convert_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                  float* dst, int64_t dst_stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < cols; ++k)
+      dst[r * dst_stride + k] = to_float(src[r * row_stride + k * col_stride]);
+}
+
+template <typename T>
+void unmask_scores_impl(const UnmaskScoreArgs& a) {
+  const int64_t R = a.R, V = a.V, d = a.d;
+  // The hidden rows as float32, contiguous.
+  std::vector<float> h(R * d);
+  convert_rows(static_cast<const T*>(a.hidden), R, d, a.hidden_stride[0], a.hidden_stride[1],
+               h.data(), d);
+  // Tiles of ~128 KB of float32 LM head (L2-resident while all row blocks read them).
+  const int64_t tile = std::clamp<int64_t>(32768 / std::max<int64_t>(d, 1), 16, 512);
+  const bool direct = std::is_same_v<T, float> && a.lm_head_stride[1] == 1;
+  std::vector<float> wbuf(direct ? 0 : tile * d);
+  std::vector<float> logits(R * tile);
+  std::vector<RowState> rows(R);
+  size_t next_banned = 0;  // banned ids are sorted and unique
+
+  for (int64_t v0 = 0; v0 < V; v0 += tile) {
+    const int64_t n = std::min(tile, V - v0);
+    const float* w;
+    int64_t ws;
+    const T* src = static_cast<const T*>(a.lm_head) + v0 * a.lm_head_stride[0];
+    if (direct) {
+      w = reinterpret_cast<const float*>(src);
+      ws = a.lm_head_stride[0];
+    } else {
+      convert_rows(src, n, d, a.lm_head_stride[0], a.lm_head_stride[1], wbuf.data(), d);
+      w = wbuf.data();
+      ws = d;
+    }
+    // Rows in blocks of 4 (4 x 4 LM-head rows: the fastest register block measured, ahead of
+    // 8 x 2 and 2 x 8), then 2 and 1 for the rest: no padding rows.
+    for (int64_t r0 = 0; r0 < R;) {
+      const float* hr = h.data() + r0 * d;
+      float* lr = logits.data() + r0 * tile;
+      const int64_t left = R - r0;
+      const int rb = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      switch (rb) {
+        case 4: dot_block<4>(hr, d, w, ws, n, d, lr, tile); break;
+        case 2: dot_block<2>(hr, d, w, ws, n, d, lr, tile); break;
+        default: dot_block<1>(hr, d, w, ws, n, d, lr, tile); break;
+      }
+      r0 += rb;
+    }
+    for (; next_banned < a.banned.size() && a.banned[next_banned] < v0 + n; ++next_banned)
+      for (int64_t r = 0; r < R; ++r)
+        logits[r * tile + (a.banned[next_banned] - v0)] = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < R; ++r) fold_tile(rows[r], logits.data() + r * tile, n, v0);
+  }
+
+  for (int64_t r = 0; r < R; ++r) {
+    const RowState& st = rows[r];
+    a.argmax[r] = st.arg;
+    a.max_logit[r] = st.max;
+    a.second_logit[r] = std::isnan(st.max) ? st.max : st.second;
+    a.sum_exp[r] = std::isfinite(st.max) ? st.sum : std::numeric_limits<double>::quiet_NaN();
+  }
+}
+
+}  // namespace
+
+void unmask_scores_cpu(const UnmaskScoreArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: unmask_scores_impl<float>(a); break;
+    case kFloat16: unmask_scores_impl<Half>(a); break;
+    case kBFloat16: unmask_scores_impl<BFloat16>(a); break;
+    default: fail("unmask_scores: unsupported dtype code ", a.dtype);
+  }
+}
+
+}  // namespace hk

@@ -1,0 +1,191 @@
+"""The CPU fused path of ``unmask_step``: ``_C``'s one-pass LM-head scoring, certified exact.
+
+For ``hidden [B, Lr, d]`` + ``lm_head [V, d]`` at temperature 0 with ``low_confidence``
+remasking, ``_C.unmask_scores`` streams the LM head once and returns per masked row the argmax,
+the top two logits and the softmax denominator, with no ``[B, Lr, V]`` logits. Its float32 dot
+products round in another order than torch's matmul, so this module commits only when the
+margins *prove* the reference would commit the same rows with the same tokens:
+
+* every logit of ours and of any float32 matmul lies within ``(d + 20) 2^-24 ||h|| max_v ||w_v||``
+  of the exact product, so the argmax is the reference's when the top-1 / top-2 gap exceeds
+  twice the sum of both errors;
+* the confidence ``1 / sum_exp`` then differs from the reference's ``softmax`` by at most
+  ``tol`` (relative): the logit errors, our exp, and torch's float32 sum of ``V`` exponentials
+  (bounded by ``V / 8`` roundings);
+* ``num_transfer``: the confidences on either side of each row's cut differ by more than
+  ``2 tol``; ``threshold``: no confidence lies within ``tol`` of the threshold, and the top two
+  (Fast-dLLM's "at least one") are apart.
+
+Otherwise (ties, near-ties, non-finite scores, anything uncertain) :func:`fused_cpu_unmask_step`
+returns None and the caller runs the reference, so every commit is the reference's. The
+returned confidences are ours, within ``tol`` of the reference's.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .. import _cuda
+from ..common import UnmaskResult, rank_and_commit
+
+_U = 2.0**-24  # float32 unit roundoff
+# Splitting the vocabulary over threads pays off from this many multiply-adds per row.
+_MIN_SPLIT_WORK = 1 << 22
+
+# id(lm_head) -> (weak reference, in-place version, norm); tensors compare elementwise, so no
+# WeakKeyDictionary.
+_NORMS: dict[int, tuple[weakref.ref, int, float]] = {}
+_POOL: ThreadPoolExecutor | None = None
+
+
+def unsupported_reason(hidden, lm_head, logits, temperature: float, remasking: str, device) -> str | None:
+    """Why the fused CPU path cannot take these inputs, or None when it can."""
+    if device.type != "cpu":
+        return "the compiled unmask_step is CPU-only (GPUs run the Triton kernel)"
+    if logits is not None or hidden is None:
+        return "the compiled unmask_step takes hidden + lm_head (the fused path), not logits"
+    if temperature != 0:
+        return "the compiled unmask_step is argmax-only (temperature 0)"
+    if remasking != "low_confidence":
+        return f"the compiled unmask_step ranks by low_confidence only, not {remasking!r}"
+    if torch.compiler.is_compiling():
+        return "the compiled unmask_step is not traceable (torch.compile)"
+    return _cuda.unavailable_reason(device)
+
+
+def lm_head_max_norm(lm_head: torch.Tensor) -> float:
+    """``max_v ||lm_head[v]||_2`` (float64), cached per tensor and in-place version."""
+    hit = _NORMS.get(id(lm_head))  # dict operations are atomic: no lock (a race recomputes)
+    if hit is not None and hit[0]() is lm_head and hit[1] == lm_head._version:
+        return hit[2]
+    norm = float(torch.linalg.vector_norm(lm_head.double(), dim=1).max())
+    key = id(lm_head)
+
+    def forget(ref, key=key):
+        if _NORMS.get(key, (None,))[0] is ref:
+            _NORMS.pop(key, None)
+
+    _NORMS[key] = (weakref.ref(lm_head, forget), lm_head._version, norm)
+    return norm
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="hk-unmask")
+    return _POOL
+
+
+def scores(hidden: torch.Tensor, lm_head: torch.Tensor, banned: Sequence[int]):
+    """``_cuda.unmask_scores`` over ``torch.get_num_threads()`` vocabulary ranges in parallel
+    (``_C`` releases the GIL), merged. Returns ``(argmax, top, second, sum_exp, finite)``;
+    rows with ``finite`` False (a NaN or infinite maximum) have no meaningful partials."""
+    V, d = lm_head.shape
+    R = hidden.shape[0]
+    parts = max(1, min(torch.get_num_threads(), (R * V * d) // _MIN_SPLIT_WORK, V))
+    if parts == 1:
+        am, top, second, s = _cuda.unmask_scores(hidden, lm_head, banned)
+        return am, top, second, s, torch.isfinite(top) & torch.isfinite(s)
+    bounds = [V * i // parts for i in range(parts + 1)]
+    banned_t = torch.tensor(sorted(set(banned)), dtype=torch.int64)
+
+    def run(i):
+        lo, hi = bounds[i], bounds[i + 1]
+        local = banned_t[(banned_t >= lo) & (banned_t < hi)] - lo
+        am, top, second, s = _cuda.unmask_scores(hidden, lm_head[lo:hi], local.tolist())
+        return am + lo, top, second, s
+
+    res = list(_pool().map(run, range(parts)))
+    am, top, second, s = (torch.stack(t) for t in zip(*res, strict=True))  # [parts, R]
+    # A range whose every logit is -inf (banned) contributes nothing; NaN / +inf rows fall back.
+    empty = top == float("-inf")
+    finite = (torch.isfinite(top) | empty).all(0) & (torch.isfinite(s) | empty).all(0) & ~empty.all(0)
+    best = top.argmax(0)  # ties between ranges make the top-2 gap 0: uncertain either way
+    m = top.gather(0, best[None])[0]
+    others = top.scatter(0, best[None], float("-inf")).amax(0)
+    sec = torch.maximum(second.gather(0, best[None])[0], others)
+    weights = torch.where(empty, 0.0, torch.exp(top.double() - m.double()) * s)
+    return am.gather(0, best[None])[0], m, sec, weights.sum(0), finite
+
+
+def fused_cpu_unmask_step(
+    x: torch.Tensor,
+    *,
+    hidden: torch.Tensor,
+    lm_head: torch.Tensor,
+    mask_id: int,
+    start: int,
+    num_transfer: torch.Tensor | None,
+    threshold: float | None,
+    banned_token_ids: Sequence[int],
+    deferred_token_ids: Sequence[int],
+) -> UnmaskResult | None:
+    """``unmask_step`` (temperature 0, ``low_confidence``) from ``hidden [B, Lr, d]`` and
+    ``lm_head [V, d]`` on the CPU, or None (``x`` untouched) when the margins cannot prove the
+    commit is the reference's (see the module docstring). Arguments as validated by
+    ``check_unmask_args``."""
+    B, Lr, d = hidden.shape
+    V = lm_head.shape[0]
+    window = x[:, start : start + Lr]
+    committable = window == mask_id
+    rows = committable.reshape(-1).nonzero()[:, 0]
+    tokens = window.clone()
+    confidence = torch.full((B, Lr), float("-inf"), dtype=torch.float32)
+    if rows.numel():
+        h = hidden[committable]  # [rows, d], row-major over (b, r) like `rows`
+        am, top, second, s, finite = scores(h, lm_head, banned_token_ids)
+        if not bool(finite.all()):
+            return None
+        # |ours - exact| and |matmul - exact| per logit, each <= (summation depth) u sum|h w|.
+        err = 2.02 * (d + 20) * _U * torch.linalg.vector_norm(h.double(), dim=1) * lm_head_max_norm(lm_head)
+        if not bool((top.double() - second.double() > 2 * err).all()):
+            return None
+        # Relative: logit errors (2 err), our exp (4e-7) and torch's float32 softmax sum.
+        tol = 2.02 * float(err.max()) + 4e-7 + (V / 8 + 64) * _U
+        conf = (1.0 / s).float()
+        if deferred_token_ids:
+            conf = conf.masked_fill(torch.isin(am, torch.tensor(list(deferred_token_ids))), float("-inf"))
+        tokens.view(-1).index_copy_(0, rows, am)
+        confidence.view(-1).index_copy_(0, rows, conf)
+        if not _ranking_certain(confidence, committable, num_transfer, threshold, tol):
+            return None
+    committed = rank_and_commit(confidence, committable, num_transfer=num_transfer, threshold=threshold)
+    window[committed] = tokens[committed]
+    return UnmaskResult(x, committed, tokens, confidence)
+
+
+def _apart(a: torch.Tensor, b: torch.Tensor, tol: float) -> torch.Tensor:
+    """``a >= b`` ranked apart for certain: equal ``-inf`` (ordered by position in both) or
+    ``a - b > 2 tol |a|``."""
+    both_inf = (a == float("-inf")) & (b == float("-inf"))
+    return both_inf | (a.double() - b.double() > 2 * tol * a.double().abs())
+
+
+def _ranking_certain(confidence, committable, num_transfer, threshold, tol: float) -> bool:
+    """Whether ranking by our confidences (each within ``tol`` of the reference's, relative)
+    commits the same rows as ranking by the reference's."""
+    # Not committable: -inf, after every committable row with a finite confidence.
+    ranked = torch.where(committable, confidence, float("-inf")).sort(dim=1, descending=True).values
+    n = committable.sum(dim=1)
+    if threshold is not None:
+        c = confidence[committable & (confidence > float("-inf"))].double()
+        if bool(((c - threshold).abs() <= tol * c.abs()).any()):
+            return False
+        pick = n >= 2
+        if bool(pick.any()):
+            first, runner = ranked[pick, 0], ranked[pick, 1]
+            return bool(_apart(first, runner, tol).all())
+        return True
+    k = num_transfer.to(torch.int64)
+    cut = (k > 0) & (k < n)
+    if not bool(cut.any()):
+        return True
+    idx = k[cut] - 1
+    rows = ranked[cut]
+    inside = rows.gather(1, idx[:, None])[:, 0]
+    outside = rows.gather(1, (idx + 1)[:, None])[:, 0]
+    return bool(_apart(inside, outside, tol).all())

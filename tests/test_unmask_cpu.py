@@ -1,0 +1,234 @@
+"""``_C``'s CPU scoring pass of the fused ``unmask_step`` (``_cuda.unmask_scores``) and the op's
+``cuda`` backend on CPU tensors.
+
+The partials are compared with float64 logits (``hidden.double() @ lm_head.double().T``) and
+torch's argmax rules; the op's commits and tokens with ``reference.unmask_step`` exactly (the
+backend falls back to the reference when its margins cannot prove equality: ties, NaN)."""
+
+import pytest
+import torch
+
+from hybridkernels import _cuda, ops, reference
+from hybridkernels.ops import _unmask as unmask_mod
+from hybridkernels.ops import _unmask_cpu
+
+pytestmark = pytest.mark.skipif(not _cuda.available(), reason=f"_C not importable: {_cuda.IMPORT_ERROR}")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def exact_logits(h, w, banned=()):
+    logits = h.double() @ w.double().T
+    if banned:
+        logits[:, list(banned)] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("R", "V", "d"),
+    [(1, 1, 1), (1, 7, 3), (3, 130, 16), (5, 1001, 33), (9, 517, 64), (16, 4099, 256), (40, 777, 47)],
+)
+def test_partials_match_float64_logits(R, V, d, dtype):
+    g = torch.Generator().manual_seed(R * 1000 + V + d)
+    h = torch.randn(R, d, generator=g).to(dtype)
+    w = (torch.randn(V, d, generator=g) * 0.3).to(dtype)
+    banned = sorted({0, V // 2, V - 1}) if V > 3 else []
+    am, top, second, s = _cuda.unmask_scores(h, w, banned)
+    logits = exact_logits(h, w, banned)
+    ref_top = logits.max(dim=1).values
+    ref_second = logits.topk(min(2, V), dim=1).values[:, -1] if V > 1 else torch.full((R,), float("-inf"))
+    bound = (d + 20) * 2.0**-24 * h.double().norm(dim=1) * w.double().norm(dim=1).max() + 1e-30
+    clear = ref_top - ref_second > 2 * bound  # argmax decided in any float32 order
+    assert torch.equal(am[clear], logits.argmax(dim=1)[clear])
+    finite = torch.isfinite(ref_top)
+    assert ((top.double() - ref_top).abs()[finite] <= bound[finite]).all()
+    if V > 1 and len(banned) < V - 1:
+        assert ((second.double() - ref_second).abs() <= bound).all()
+    ref_sum = torch.exp(logits - ref_top[:, None]).sum(dim=1)
+    torch.testing.assert_close(s[finite], ref_sum[finite], rtol=1e-5 + 2 * float(bound.max()), atol=0)
+
+
+def test_strided_hidden_and_repeated_banned_ids():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 40, generator=g)[:, ::2]  # column stride 2
+    w = torch.randn(300, 20, generator=g)
+    am, top, *_ = _cuda.unmask_scores(h, w, [5, 5, 299, 0])
+    logits = exact_logits(h, w, [0, 5, 299])
+    assert torch.equal(am, logits.argmax(dim=1))
+    torch.testing.assert_close(top.double(), logits.max(dim=1).values, rtol=1e-5, atol=1e-5)
+
+
+def test_ties_go_to_the_first_index():
+    g = torch.Generator().manual_seed(4)
+    R, V, d = 5, 700, 24
+    h = torch.randn(R, d, generator=g)
+    w = torch.randn(V, d, generator=g) * 0.1
+    w[[37, 301, 650]] = h[0] * 10  # three identical rows: the same logit in every row
+    am, top, second, _ = _cuda.unmask_scores(h, w)
+    assert int(am[0]) == 37
+    assert float(top[0]) == float(second[0])  # the tie shows as a zero top-2 gap
+    # Every logit -inf (all banned but one, that one -inf too via a banned list covering it): first id.
+    am, top, _, s = _cuda.unmask_scores(h[:1], w[:3], [0, 1, 2])
+    assert int(am[0]) == 0 and float(top[0]) == float("-inf") and torch.isnan(s[0])
+
+
+def test_non_finite_hidden_follows_torch_argmax():
+    g = torch.Generator().manual_seed(5)
+    R, V, d = 4, 333, 17
+    h = torch.randn(R, d, generator=g)
+    w = torch.randn(V, d, generator=g)
+    w[10, 3] = 0.0
+    h[0, 2] = float("nan")  # every logit NaN: argmax the first id that is not banned
+    h[1, 3] = float("inf")  # +-inf logits, NaN at id 10 (inf * 0)
+    h[2, 5] = float("-inf")
+    banned = [0, 1]
+    am, top, second, s = _cuda.unmask_scores(h, w, banned)
+    logits = h @ w.T  # with an inf in the row every order gives the same value
+    logits[:, banned] = float("-inf")
+    assert torch.equal(am, logits.argmax(dim=1))
+    assert int(am[0]) == 2 and torch.isnan(top[0]) and torch.isnan(s[0])
+    assert torch.isnan(s[1]) and torch.isnan(s[2])
+    assert torch.isfinite(s[3])
+
+
+def test_bad_inputs():
+    h, w = torch.randn(2, 8), torch.randn(10, 8)
+    with pytest.raises(TypeError, match="lm_head is torch.float16"):
+        _cuda.unmask_scores(h, w.half())
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        _cuda.unmask_scores(h.double(), w.double())
+    with pytest.raises(ValueError, match="2-d"):
+        _cuda.unmask_scores(h[0], w)
+    with pytest.raises(ValueError, match="lm_head_shape"):
+        _cuda.unmask_scores(h, torch.randn(10, 9))
+    with pytest.raises(ValueError, match="banned"):
+        _cuda.unmask_scores(h, w, [10])
+    with pytest.raises(ValueError, match="every size"):
+        _cuda.unmask_scores(h[:0], w)
+
+
+def random_case(g, B, Lr, d, V, dtype, p_mask=0.6):
+    L = Lr + 3
+    x = torch.randint(0, V - 1, (B, L), generator=g)
+    window = x[:, 2 : 2 + Lr]
+    window[torch.rand(B, Lr, generator=g) < p_mask] = V - 1
+    hidden = torch.randn(B, Lr, d, generator=g).to(dtype)
+    lm_head = (torch.randn(V, d, generator=g) * 0.3).to(dtype)
+    return x, hidden, lm_head
+
+
+def run_both(x, **kwargs):
+    ref = reference.unmask_step(x.clone(), **kwargs)
+    out = ops.unmask_step(x.clone(), backend="cuda", **kwargs)
+    assert torch.equal(out.x, ref.x)
+    assert torch.equal(out.committed, ref.committed)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert torch.equal(torch.isfinite(out.confidence), torch.isfinite(ref.confidence))
+    finite = torch.isfinite(ref.confidence)
+    torch.testing.assert_close(out.confidence[finite], ref.confidence[finite], rtol=2e-3, atol=0)
+    return ref, out
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("rule", ("num_transfer", "threshold"))
+def test_op_commits_what_the_reference_commits(rule, dtype):
+    g = torch.Generator().manual_seed(7 if rule == "threshold" else 8)
+    for trial in range(12):
+        B, Lr = 1 + trial % 3, 1 + (5 * trial) % 23
+        d, V = (1, 2, 17, 32, 63)[trial % 5], (2, 40, 999, 2051)[trial % 4]
+        x, hidden, lm_head = random_case(g, B, Lr, d, V, dtype)
+        masked = (x[:, 2 : 2 + Lr] == V - 1).sum(dim=1)
+        if rule == "num_transfer":
+            extra = {"num_transfer": torch.minimum(masked, torch.full((B,), 1 + trial % 3))}
+        else:
+            extra = {"threshold": (0.0, 0.05, 0.5, 2.0)[trial % 4]}
+        run_both(
+            x, mask_id=V - 1, hidden=hidden, lm_head=lm_head, start=2,
+            banned_token_ids=[0] if V > 2 else [], deferred_token_ids=[1], **extra,
+        )  # fmt: skip
+
+
+def test_uncertain_steps_run_the_reference(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    x, hidden, lm_head = random_case(g, 2, 6, 16, 50, torch.float32, p_mask=1.0)
+    lm_head[20] = lm_head[3]  # every row ties ids 3 and 20: the margins cannot decide
+    hidden[1, 2, 0] = float("nan")
+    calls = []
+    real = reference.unmask_step
+    monkeypatch.setattr(unmask_mod.reference, "unmask_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(mask_id=49, hidden=hidden, lm_head=lm_head, start=2, num_transfer=2)
+    assert _unmask_cpu.fused_cpu_unmask_step(
+        x.clone(), hidden=hidden, lm_head=lm_head, mask_id=49, start=2, num_transfer=torch.full((2,), 2),
+        threshold=None, banned_token_ids=(), deferred_token_ids=(),
+    ) is None  # fmt: skip
+    out = ops.unmask_step(x.clone(), backend="cuda", **kw)
+    monkeypatch.undo()
+    ref = reference.unmask_step(x.clone(), **{**kw, "num_transfer": torch.full((2,), 2)})
+    assert calls and torch.equal(out.x, ref.x) and torch.equal(out.committed, ref.committed)
+    assert torch.equal(out.confidence.isnan(), ref.confidence.isnan())
+
+
+def test_a_near_tie_in_confidence_is_not_trusted():
+    # Two rows with the same hidden state have bitwise equal partials, so their confidences tie:
+    # the cut of num_transfer = 1 between them is left to the reference (lowest position wins).
+    g = torch.Generator().manual_seed(10)
+    x, hidden, lm_head = random_case(g, 1, 4, 8, 30, torch.float32, p_mask=1.0)
+    hidden[0, 3] = hidden[0, 1]
+    nt = torch.ones(1, dtype=torch.int64)
+    args = dict(hidden=hidden, lm_head=lm_head, mask_id=29, start=2, threshold=None)
+    hidden[0, 0] = hidden[0, 2] = hidden[0, 1] * 0.01  # flatter rows: rows 1 and 3 rank first
+    res = _unmask_cpu.fused_cpu_unmask_step(
+        x.clone(), num_transfer=nt, banned_token_ids=(), deferred_token_ids=(), **args
+    )
+    assert res is None
+    run_both(x, hidden=hidden, lm_head=lm_head, mask_id=29, start=2, num_transfer=nt)
+
+
+def test_vocabulary_split_over_threads_merges_like_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(7, 33, generator=g)
+    w = torch.randn(1001, 33, generator=g)
+    banned = [0, 400, 401, 1000]
+    one = _cuda.unmask_scores(h, w, banned)
+    monkeypatch.setattr(_unmask_cpu, "_MIN_SPLIT_WORK", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        am, top, second, s, finite = _unmask_cpu.scores(h, w, banned)
+    finally:
+        torch.set_num_threads(threads)
+    assert finite.all()
+    assert torch.equal(am, one[0]) and torch.equal(top, one[1]) and torch.equal(second, one[2])
+    torch.testing.assert_close(s, one[3], rtol=1e-6, atol=0)  # float32 exps, other running maxima
+
+
+def test_backend_choice():
+    x = torch.full((1, 4), 9)
+    hidden, lm_head, logits = torch.randn(1, 4, 8), torch.randn(10, 8), torch.randn(1, 4, 10)
+
+    def chosen(**kw):
+        reason = unmask_mod._compiled_reason(
+            x, kw.get("logits"), kw.get("hidden"), kw.get("lm_head"), kw["args"]
+        )
+        return unmask_mod.DISPATCH.choose(None, x.device, {"cuda": reason}, warn=False)
+
+    def args(temperature=0.0, remasking="low_confidence"):
+        return ops._checks.UnmaskArgs(9, 0, torch.ones(1), None, temperature, remasking, (), (), None)
+
+    assert chosen(hidden=hidden, lm_head=lm_head, args=args()) == "cuda"
+    assert chosen(logits=logits, args=args()) == "reference"
+    assert chosen(hidden=hidden, lm_head=lm_head, args=args(temperature=1.0)) == "reference"
+    assert chosen(hidden=hidden, lm_head=lm_head, args=args(remasking="entropy")) == "reference"
+    with pytest.raises(ValueError, match="not logits"):
+        ops.unmask_step(x.clone(), mask_id=9, logits=logits, num_transfer=1, backend="cuda")
+    with pytest.raises(ValueError, match="temperature 0"):
+        ops.unmask_step(
+            x.clone(),
+            mask_id=9,
+            hidden=hidden,
+            lm_head=lm_head,
+            num_transfer=1,
+            temperature=0.5,
+            backend="cuda",
+        )
