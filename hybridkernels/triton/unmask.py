@@ -619,13 +619,13 @@ def unmask_step(
     Vocabulary shard (fused path only; tensor parallel, see
     :mod:`hybridkernels.distributed.unmask`): ``lm_head [V_local, d]`` holds the global rows
     ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-token vocabulary (default: the
-    whole vocabulary, ``vocab_start = 0``). Ban list, argmax and the Philox counter
-    ``row * vocab_size + token`` use global ids, so a shard draws exactly the noise one device
-    draws for its tokens. ``vocab_chunk`` (default ``V_local``, ``>= V_local``) is the length the
-    splits are sized from: ranks that pass the same one (e.g. ``ceil(V / N)``) and the same
-    ``split_len`` or none have the same ``n_splits``. After the partial stage,
-    ``exchange(part_f, part_i, n_rows, n_splits)`` gets this shard's partials (float32
-    ``[n_f, n_rows * n_splits]`` and int32 ``[n_i, n_rows * n_splits]``, column
+    whole vocabulary, ``vocab_start = 0``). Ban list, argmax and the Philox counters (Gumbel noise
+    ``row * vocab_size + token``, the ``random`` draw ``row * vocab_size``) use global ids, so a
+    shard draws exactly the noise one device draws for its tokens. ``vocab_chunk`` (default
+    ``V_local``, ``>= V_local``) is the length the splits are sized from: ranks that pass the same
+    one (e.g. ``ceil(V / N)``) and the same ``split_len`` (or none) have the same ``n_splits``.
+    After the partial stage, ``exchange(part_f, part_i, n_rows, n_splits)`` gets this shard's
+    partials (float32 ``[n_f, n_rows * n_splits]`` and int32 ``[n_i, n_rows * n_splits]``, column
     ``row * n_splits + split``, ``row = b * Lr + r``; rows that are not masked hold garbage) and
     returns ``(part_f, part_i, n_splits_total)``: the same fields for every split of the whole
     vocabulary, contiguous, column ``row * n_splits_total + split`` with the splits in vocabulary
