@@ -799,3 +799,22 @@ def test_vocabulary_shard_bad_arguments_leave_x_untouched():
     with pytest.raises(TypeError, match="exchange's part_i must be a torch.int32 tensor"):
         tri.unmask_step(x, exchange=lambda f, i, rows, n: (f, i.long(), n), **shard_call)
     assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "column-major"])
+def test_vocab_parallel_triton_path_reads_the_shard_by_its_strides(device, layout):
+    """``vocab_parallel_unmask_step(backend="triton")`` (one rank: the whole vocabulary) on an LM
+    head stored column-major (``W.T.contiguous().T``) commits what the kernel commits on ``W``."""
+    from hybridkernels.distributed import TPGroup, vocab_parallel_unmask_step
+
+    x, hidden, lm_head, common = shard_inputs(9, 64, torch.float32, device)
+    head = lm_head if layout == "contiguous" else lm_head.T.contiguous().T
+    nt = torch.tensor([2, 1], device=device)
+    ref = ops.unmask_step(
+        x.clone(), hidden=hidden, lm_head=lm_head, num_transfer=nt, backend="triton", **common
+    )
+    out = vocab_parallel_unmask_step(
+        x.clone(), hidden=hidden, lm_head_shard=head, vocab_start=0, vocab_size=64, group=TPGroup.single(),
+        num_transfer=nt, backend="triton", **common,
+    )  # fmt: skip
+    assert_same(ref, out)

@@ -284,6 +284,8 @@ def _triton_step(op, x, hidden, lm_head_shard, vocab_start, vocab_size, group: T
 
     if not hidden.is_contiguous():
         hidden = hidden.contiguous()
+    if lm_head_shard.stride(-1) != 1:  # the kernel reads each row's d values at unit stride
+        lm_head_shard = lm_head_shard.contiguous()
     return UnmaskResult(
         *op(
             x,
