@@ -101,13 +101,19 @@ constexpr int kBitReverse4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11,
 // Logits of RB hidden rows (h, row stride hs) against n LM-head rows (w, row stride ws, float32):
 // out[r * out_stride + j]. kLanes / RB LM-head rows at a time, so RB x that = 16 accumulators
 // (one reduction) and each loaded vector feeds several FMAs.
+// While it computes, it prefetches pf_lines cache lines from pf (the next tile), spread over its
+// iterations, so the next tile's DRAM traffic overlaps this tile's arithmetic.
 template <int RB>
 HK_UNMASK_CLONES void dot_block(const float* h, int64_t hs, const float* w, int64_t ws, int64_t n,
-                                int64_t d, float* out, int64_t out_stride) {
+                                int64_t d, float* out, int64_t out_stride, const char* pf,
+                                int64_t pf_lines) {
   constexpr int VB = kLanes / RB;
   const int64_t dv = d - d % kLanes;
+  const int64_t groups = std::max<int64_t>(n / VB, 1);
+  const int64_t pf_step = (pf_lines + groups - 1) / groups;
   int64_t j = 0;
   for (; j + VB <= n; j += VB) {
+    for (int64_t i = 0; i < pf_step && pf_lines > 0; ++i, --pf_lines, pf += 64) __builtin_prefetch(pf, 0, 2);
     Vec acc[kLanes] = {};  // acc[r * VB + c]: hidden row r x LM-head row j + c
     for (int64_t k = 0; k < dv; k += kLanes) {
       Vec x[VB], hv;
@@ -255,6 +261,15 @@ void unmask_scores_impl(const UnmaskScoreArgs& a) {
       w = wbuf.data();
       ws = d;
     }
+    // The next tile (float32 rows in place only), a slice per row block: measured 32 -> 22 ms at
+    // R = 16, V = 126,464, d = 256 (1 thread); at R = 1 it only costs.
+    const int64_t next_n = std::min(tile, V - v0 - n);
+    const bool prefetch = direct && next_n > 0 && ws == d && R >= 4;  // fewer rows: DRAM-bound anyway
+    const char* pf = prefetch ? reinterpret_cast<const char*>(w + n * ws) : nullptr;
+    const int64_t lines = prefetch ? (next_n * d * int64_t(sizeof(float)) + 63) / 64 : 0;
+    const int64_t blocks = R / 4 + (R % 4 >= 2) + (R % 2);
+    const int64_t slice = (lines + blocks - 1) / blocks;
+    int64_t done = 0;
     // Rows in blocks of 4 (4 x 4 LM-head rows: the fastest register block measured, ahead of
     // 8 x 2 and 2 x 8), then 2 and 1 for the rest: no padding rows.
     for (int64_t r0 = 0; r0 < R;) {
@@ -262,10 +277,13 @@ void unmask_scores_impl(const UnmaskScoreArgs& a) {
       float* lr = logits.data() + r0 * tile;
       const int64_t left = R - r0;
       const int rb = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const int64_t mine = std::max<int64_t>(std::min(slice, lines - done), 0);
+      const char* pf_mine = pf ? pf + done * 64 : nullptr;
+      done += mine;
       switch (rb) {
-        case 4: dot_block<4>(hr, d, w, ws, n, d, lr, tile); break;
-        case 2: dot_block<2>(hr, d, w, ws, n, d, lr, tile); break;
-        default: dot_block<1>(hr, d, w, ws, n, d, lr, tile); break;
+        case 4: dot_block<4>(hr, d, w, ws, n, d, lr, tile, pf_mine, mine); break;
+        case 2: dot_block<2>(hr, d, w, ws, n, d, lr, tile, pf_mine, mine); break;
+        default: dot_block<1>(hr, d, w, ws, n, d, lr, tile, pf_mine, mine); break;
       }
       r0 += rb;
     }
