@@ -652,7 +652,7 @@ def shard_inputs(seed, V, dtype, device):
     return x.to(device), hidden, lm_head, dict(mask_id=V - 1, start=start)
 
 
-def run_sharded(x, hidden, lm_head, world, seed, split_len, **kwargs):
+def run_sharded(x, hidden, lm_head, world, seed, split_len, config=FUSED_CONFIG, **kwargs):
     """Every simulated rank's kernel on its rows ``[r * chunk, (r + 1) * chunk)`` of the head, the
     partials "all-gathered" (stacked in rank order, each row's splits side by side) between the two
     stages. Returns every rank's result and every rank's own partials (what ``exchange`` got)."""
@@ -664,7 +664,7 @@ def run_sharded(x, hidden, lm_head, world, seed, split_len, **kwargs):
         v0, v1 = bounds[r]
         gen = torch.Generator(x.device).manual_seed(seed)  # the same state on every rank
         return tri.unmask_step(
-            x.clone(), hidden=hidden, lm_head=lm_head[v0:v1], config=FUSED_CONFIG, split_len=split_len,
+            x.clone(), hidden=hidden, lm_head=lm_head[v0:v1], config=config, split_len=split_len,
             vocab_start=v0, vocab_size=V, vocab_chunk=chunk, exchange=exchange, generator=gen, **kwargs,
         )  # fmt: skip
 
@@ -727,6 +727,25 @@ def test_vocabulary_shards_equal_the_single_device_kernel(device, case, V, world
         assert not torch.isin(
             outs[0].tokens[outs[0].committed], torch.tensor([40, 70, 100], device=device)
         ).any()
+
+
+@requires_cuda
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_vocabulary_shards_bf16_autotuned_on_gpu(temperature):
+    """bf16 tensor-core dots, autotuned configs and the device's own split sizing on 4 uneven
+    shards (4997 = 3 x 1250 + 1247 rows): the single-device kernel's tokens and samples."""
+    g = torch.Generator().manual_seed(16)
+    B, Lr, V, d, mask_id = 4, 32, 4997, 256, 4996
+    x = make_tokens(B, Lr, V, mask_id, 0, Lr, 0.5, g).cuda()
+    hidden = torch.randn(B, Lr, d, generator=g).bfloat16().cuda()
+    lm_head = (torch.randn(V, d, generator=g) / 16).bfloat16().cuda()
+    nt = num_masked(x, 0, Lr, mask_id).clamp(max=4)
+    kwargs = dict(mask_id=mask_id, num_transfer=nt, temperature=temperature)
+    gen = torch.Generator("cuda").manual_seed(2)
+    ref = tri.unmask_step(x.clone(), hidden=hidden, lm_head=lm_head, generator=gen, **kwargs)
+    outs, _, _ = run_sharded(x, hidden, lm_head, 4, 2, None, config=None, **kwargs)
+    for out in outs:
+        assert_same(ref, out, atol=1e-6)
 
 
 def test_vocabulary_shard_partials_layout(device):
