@@ -23,6 +23,7 @@ returned confidences are ours, within ``tol`` of the reference's.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,15 @@ def lm_head_max_norm(lm_head: torch.Tensor) -> float:
     return norm
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has none of the parent's worker threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
@@ -91,15 +101,12 @@ def scores(hidden: torch.Tensor, lm_head: torch.Tensor, banned: Sequence[int]):
         am, top, second, s = _cuda.unmask_scores(hidden, lm_head, banned)
         return am, top, second, s, torch.isfinite(top) & torch.isfinite(s)
     bounds = [V * i // parts for i in range(parts + 1)]
-    banned_t = torch.tensor(sorted(set(banned)), dtype=torch.int64)
-
-    def run(i):
-        lo, hi = bounds[i], bounds[i + 1]
-        local = banned_t[(banned_t >= lo) & (banned_t < hi)] - lo
-        am, top, second, s = _cuda.unmask_scores(hidden, lm_head[lo:hi], local.tolist())
-        return am + lo, top, second, s
-
-    res = list(_pool().map(run, range(parts)))
+    ids = sorted(set(banned))
+    # Workers run only _C (no torch op: a forked child's intra-op pool rejects other threads).
+    local = [[t - bounds[i] for t in ids if bounds[i] <= t < bounds[i + 1]] for i in range(parts)]
+    heads = [lm_head[bounds[i] : bounds[i + 1]] for i in range(parts)]
+    res = list(_pool().map(lambda i: _cuda.unmask_scores(hidden, heads[i], local[i]), range(parts)))
+    offsets = torch.tensor(bounds[:-1], dtype=torch.int64)[:, None]
     am, top, second, s = (torch.stack(t) for t in zip(*res, strict=True))  # [parts, R]
     # A range whose every logit is -inf (banned) contributes nothing; NaN / +inf rows fall back.
     empty = top == float("-inf")
@@ -109,7 +116,7 @@ def scores(hidden: torch.Tensor, lm_head: torch.Tensor, banned: Sequence[int]):
     others = top.scatter(0, best[None], float("-inf")).amax(0)
     sec = torch.maximum(second.gather(0, best[None])[0], others)
     weights = torch.where(empty, 0.0, torch.exp(top.double() - m.double()) * s)
-    return am.gather(0, best[None])[0], m, sec, weights.sum(0), finite
+    return (am + offsets).gather(0, best[None])[0], m, sec, weights.sum(0), finite
 
 
 def fused_cpu_unmask_step(
