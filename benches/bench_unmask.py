@@ -157,3 +157,36 @@ def test_fused_lm_head(benchmark, B, p_mask):
         baseline_name="cuBLAS hidden @ lm_head.T + Triton logits path",
         **extra,
     )
+
+
+@pytest.mark.parametrize("masked_rows", [16, 8])
+def test_cpu_fused_lm_head(benchmark, masked_rows):
+    """The CPU fused path (``_C.unmask_scores``: the LM head streamed once, no logits) against the
+    reference (``hidden @ lm_head.T``, softmax, argmax, commit) on Fast-dLLM's CPU configuration:
+    a 16-row window, V = 126,464, d = 256, fp32, batch 1. Issue 19."""
+    from hybridkernels import _cuda
+
+    if not _cuda.available():
+        pytest.skip(f"_C not importable: {_cuda.IMPORT_ERROR}")
+    V_cpu, d, rows = 126_464, 256, 16
+    g = torch.Generator().manual_seed(masked_rows)
+    hidden = torch.randn(1, rows, d, generator=g)
+    lm_head = torch.randn(V_cpu, d, generator=g) / d**0.5
+    x0 = torch.randint(0, V_cpu - 1, (1, rows), generator=g)
+    x0[0, :masked_rows] = V_cpu - 1
+    step = dict(hidden=hidden, lm_head=lm_head, mask_id=V_cpu - 1, num_transfer=torch.tensor([2]))
+    ours_x, base_x = x0.clone(), x0.clone()
+    ours = _restoring(lambda: unmask_step(ours_x, backend="cuda", **step), ours_x, x0)
+    baseline = _restoring(lambda: unmask_step(base_x, backend="reference", **step), base_x, x0)
+    ours(), baseline()
+    assert torch.equal(ours_x, base_x), "the fused CPU path commits other tokens than the reference"
+    compare(
+        benchmark,
+        ours,
+        baseline,
+        device=torch.device("cpu"),
+        flops=2.0 * masked_rows * V_cpu * d,
+        nbytes=V_cpu * d * 4,
+        shape=f"B=1 Lr={rows} masked={masked_rows} V={V_cpu} d={d} float32",
+        baseline_name="reference: hidden @ lm_head.T + softmax + argmax + commit",
+    )
