@@ -106,11 +106,3 @@ def parameter_slice(name: str, config: TransformerConfig, rank: int, world_size:
         n = sizes[_ROW_PARALLEL[module]] // world_size
         return Slice(1, rank * n, (rank + 1) * n)
     return None  # norms, q/k norms, the row-parallel biases (added once, after the all-reduce)
-
-
-def shard_shape(shape: tuple[int, ...], sl: Slice | None) -> tuple[int, ...]:
-    if sl is None:
-        return tuple(shape)
-    out = list(shape)
-    out[sl.dim] = sl.stop - sl.start
-    return tuple(out)
