@@ -14,20 +14,14 @@
 
 from __future__ import annotations
 
-import queue
-import socket
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from _common import DEVICE, ON_GPU, compare
 
 from hybridkernels.distributed import TensorParallelTransformer, TPGroup, step_communication
 from hybridkernels.distributed.bench import StepShape, format_rows, measure_steps
 from hybridkernels.distributed.comm import llada_8b, llama_8b
+from hybridkernels.distributed.local import run_on_ranks
 from hybridkernels.models import DiffusionPlanner, Transformer, TransformerConfig
 
 TINY_PLANNER = TransformerConfig(
@@ -46,57 +40,21 @@ else:
 TIMEOUT_S = 600 if ON_GPU else 120
 
 
-def _worker(rank, world, port, batch, results):
-    torch.set_num_threads(1)
-    try:
-        backend = "nccl" if ON_GPU else "gloo"
-        device = torch.device("cuda", rank) if ON_GPU else torch.device("cpu")
-        if ON_GPU:
-            torch.cuda.set_device(device)
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=TIMEOUT_S),
-        )
-        shape = StepShape(batch=batch, prompt=PROMPT, gen=GEN, block=BLOCK, new=NEW)
-        rows = measure_steps(
-            TPGroup(), planner=PLANNER, executor=EXECUTOR, dtype=DTYPE, device=device, shape=shape
-        )
-        results.put(("ok", rank, rows))
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        results.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _measure(rank, world, batch):
+    device = torch.device("cuda", rank) if ON_GPU else torch.device("cpu")
+    shape = StepShape(batch=batch, prompt=PROMPT, gen=GEN, block=BLOCK, new=NEW)
+    return measure_steps(
+        TPGroup(), planner=PLANNER, executor=EXECUTOR, dtype=DTYPE, device=device, shape=shape
+    )
 
 
 def _spawn(world: int, batch: int) -> list[dict]:
-    # fork on the CPU (the children start with torch imported); CUDA and NCCL need spawn.
-    ctx = mp.get_context("spawn" if ON_GPU or torch.cuda.is_initialized() else "fork")
-    results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, batch, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
     try:
-        for _ in procs:
-            status, rank, value = results.get(timeout=TIMEOUT_S + 60)
-            if status != "ok":
-                pytest.fail(f"rank {rank}:\n{value}")
-            got[rank] = value
-    except queue.Empty:
-        pytest.fail(f"tensor parallel benchmark processes did not finish within {TIMEOUT_S + 60} s")
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [got[r] for r in sorted(got)]
+        return run_on_ranks(
+            _measure, world, (batch,), backend="nccl" if ON_GPU else "gloo", timeout_s=TIMEOUT_S
+        )
+    except RuntimeError as exc:
+        pytest.fail(f"tensor parallel benchmark: {exc}")
 
 
 @pytest.mark.parametrize("batch", [1])

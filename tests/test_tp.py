@@ -21,15 +21,9 @@ Every process has a timeout (gloo's, and the parent's join): a bug fails the tes
 from __future__ import annotations
 
 import os
-import queue
-import socket
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hybridkernels import ops
 from hybridkernels.distributed import (
@@ -42,6 +36,7 @@ from hybridkernels.distributed import (
     vocab_range,
 )
 from hybridkernels.distributed.comm import llada_8b, llama_8b, step_communication
+from hybridkernels.distributed.local import free_port, run_on_ranks
 from hybridkernels.distributed.unmask import triton_shard_entry
 from hybridkernels.models import ARExecutor, DiffusionPlanner, Transformer, TransformerConfig, save_pretrained
 from hybridkernels.models.checkpoint import read_config
@@ -252,55 +247,12 @@ def _scenarios(rank, world, paths):
     return out
 
 
-def _worker(rank, world, port, paths, results):
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=TIMEOUT_S),
-        )
-        results.put(("ok", _scenarios(rank, world, paths)))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world: int, paths: dict) -> list[dict]:
     """Run :func:`_scenarios` on ``world`` gloo processes; results sorted by rank."""
-    # fork: the children start with torch and the package imported (spawn re-imports them: ~10 s
-    # per process on a small CI box); this process never initialises torch.distributed.
-    ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, paths, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = []
     try:
-        for _ in procs:
-            status, value = results.get(timeout=TIMEOUT_S + 30)
-            if status != "ok":
-                pytest.fail(value)
-            got.append(value)
-    except queue.Empty:
-        pytest.fail(f"tensor parallel processes did not finish within {TIMEOUT_S + 30} s")
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return sorted(got, key=lambda r: r["rank"])
+        return run_on_ranks(_scenarios, world, (paths,), timeout_s=TIMEOUT_S, wait_s=TIMEOUT_S + 30)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -476,7 +428,7 @@ def test_torchrun_generate_equals_one_process(tmp_path, capsys):
     assert main(args) == 0
     expected = json.loads(capsys.readouterr().out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
-    cmd += [str(_free_port()), "-m", "hybridkernels.cli", *args, "--tp", "2"]
+    cmd += [str(free_port()), "-m", "hybridkernels.cli", *args, "--tp", "2"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
