@@ -438,6 +438,61 @@ void unmask_scores(uintptr_t hidden, uintptr_t lm_head, const std::vector<int64_
   unmask_scores_cpu(a);
 }
 
+// The elementwise parts of a CPU decoder layer (decoder_cpu.cpp): float32 host memory, strides in
+// elements, every size >= 1. Called once per layer and step, so the checks are a few compares.
+void check_rows(const char* name, int64_t rows, int64_t cols) {
+  HK_CHECK(rows >= 1 && cols >= 1, name, ": sizes must be >= 1, got rows=", rows, " cols=", cols);
+}
+
+void check_stride(const char* name, int64_t stride, int64_t min) {
+  HK_CHECK(stride >= min, name, ": row stride ", stride, " is below the row's extent ", min);
+}
+
+void rms_norm(uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t residual_stride,
+              uintptr_t weight, uintptr_t out, int64_t out_stride, int64_t rows, int64_t dim,
+              double eps) {
+  check_rows("rms_norm", rows, dim);
+  HK_CHECK(x != 0 && weight != 0 && out != 0, "rms_norm: null data pointer");
+  check_stride("rms_norm x", x_stride, dim);
+  check_stride("rms_norm out", out_stride, dim);
+  if (residual != 0) check_stride("rms_norm residual", residual_stride, dim);
+  HK_CHECK(eps >= 0, "rms_norm: eps must be >= 0, got ", eps);
+  rms_norm_cpu({reinterpret_cast<float*>(x), x_stride, reinterpret_cast<const float*>(residual),
+                residual_stride, reinterpret_cast<const float*>(weight),
+                reinterpret_cast<float*>(out), out_stride, rows, dim, static_cast<float>(eps)});
+}
+
+void rotary(uintptr_t x, int64_t rows, int64_t heads, int64_t head_dim, int64_t row_stride,
+            int64_t head_stride, uintptr_t positions, uintptr_t cos, uintptr_t sin,
+            int64_t table_rows, int64_t table_stride) {
+  check_rows("rotary", rows, heads);
+  HK_CHECK(head_dim >= 2 && head_dim % 2 == 0, "rotary: head_dim must be even, got ", head_dim);
+  HK_CHECK(x != 0 && positions != 0 && cos != 0 && sin != 0, "rotary: null data pointer");
+  check_stride("rotary head", head_stride, head_dim);
+  HK_CHECK(row_stride >= (heads - 1) * head_stride + head_dim, "rotary: row stride ", row_stride,
+           " is below the row's extent");
+  check_stride("rotary tables", table_stride, head_dim);
+  const int64_t* pos = reinterpret_cast<const int64_t*>(positions);
+  for (int64_t r = 0; r < rows; ++r)
+    if (pos[r] < 0 || pos[r] >= table_rows)
+      throw py::index_error("rotary: position " + std::to_string(pos[r]) + " of row " +
+                            std::to_string(r) + " is outside the tables' " +
+                            std::to_string(table_rows) + " rows");
+  rotary_cpu({reinterpret_cast<float*>(x), rows, heads, head_dim, row_stride, head_stride, pos,
+              reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin),
+              table_stride});
+}
+
+void silu_mul(uintptr_t gate, uintptr_t up, int64_t in_stride, uintptr_t out, int64_t out_stride,
+              int64_t rows, int64_t n) {
+  check_rows("silu_mul", rows, n);
+  HK_CHECK(gate != 0 && up != 0 && out != 0, "silu_mul: null data pointer");
+  check_stride("silu_mul out", out_stride, n);
+  HK_CHECK(in_stride >= 0, "silu_mul: negative input stride");
+  silu_mul_cpu({reinterpret_cast<const float*>(gate), reinterpret_cast<const float*>(up),
+                in_stride, reinterpret_cast<float*>(out), out_stride, rows, n});
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef HK_WITH_CUDA
@@ -497,5 +552,18 @@ PYBIND11_MODULE(_C, m) {
         "Per row of hidden [R, d] @ lm_head[V, d].T without the logits: argmax (first index;\n"
         "first NaN), max and second-largest logit, float64 sum of exp(logit - max); banned\n"
         "ids score -inf. CPU only; one pass over lm_head.");
+  m.def("rms_norm", &hk::rms_norm, py::arg("x"), py::arg("x_stride"), py::arg("residual"),
+        py::arg("residual_stride"), py::arg("weight"), py::arg("out"), py::arg("out_stride"),
+        py::arg("rows"), py::arg("dim"), py::arg("eps"),
+        "float32 CPU: x[r] += residual[r] (when residual != 0), then\n"
+        "out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps) over rows of dim floats.");
+  m.def("rotary", &hk::rotary, py::arg("x"), py::arg("rows"), py::arg("heads"),
+        py::arg("head_dim"), py::arg("row_stride"), py::arg("head_stride"), py::arg("positions"),
+        py::arg("cos"), py::arg("sin"), py::arg("table_rows"), py::arg("table_stride"),
+        "float32 CPU, in place: x * cos + roll(x, D/2) * sin per head, tables' row positions[r]\n"
+        "(int64); sin is the signed table cat(-s, s).");
+  m.def("silu_mul", &hk::silu_mul, py::arg("gate"), py::arg("up"), py::arg("in_stride"),
+        py::arg("out"), py::arg("out_stride"), py::arg("rows"), py::arg("n"),
+        "float32 CPU: out[r] = silu(gate[r]) * up[r] over n columns.");
   m.def("build_info", &hk::build_info, "What this build of _C contains.");
 }

@@ -176,7 +176,45 @@ struct UnmaskScoreArgs {
   double* sum_exp;
 };
 
+// The elementwise parts of a decoder layer (decoder_cpu.cpp), float32 host memory, strides in
+// elements. rms_norm: with `residual`, first x[r] += residual[r] in place (the residual stream),
+// then out[r] = weight * (x[r] / sqrt(mean(x[r]^2) + eps)); `out` may be `x`.
+struct RmsNormArgs {
+  float* x;
+  int64_t x_stride;
+  const float* residual;  // or nullptr
+  int64_t residual_stride;
+  const float* weight;  // [dim]
+  float* out;
+  int64_t out_stride;
+  int64_t rows, dim;
+  float eps;
+};
+// In place, rotate-half RoPE of `heads` heads of `head_dim` per row: x * cos + roll(x, D/2) *
+// sin with the tables' row positions[r] (cos = cat(c, c), sin = cat(-s, s), [P, D] rows of
+// `table_stride`).
+struct RotaryArgs {
+  float* x;
+  int64_t rows, heads, head_dim, row_stride, head_stride;
+  const int64_t* positions;  // [rows], each in [0, P)
+  const float* cos;
+  const float* sin;
+  int64_t table_stride;
+};
+// out[r] = silu(gate[r]) * up[r] over n columns (SwiGLU), gate/up rows of `in_stride`.
+struct SiluMulArgs {
+  const float* gate;
+  const float* up;
+  int64_t in_stride;
+  float* out;
+  int64_t out_stride;
+  int64_t rows, n;
+};
+
 void unmask_scores_cpu(const UnmaskScoreArgs& a);
+void rms_norm_cpu(const RmsNormArgs& a);
+void rotary_cpu(const RotaryArgs& a);
+void silu_mul_cpu(const SiluMulArgs& a);
 void kv_append_cpu(const KvAppendArgs& a);
 // num_splits == 0: one pass per row (auto); > 0: that many splits merged like the CUDA path.
 void decode_attention_cpu(DecodeArgs a);

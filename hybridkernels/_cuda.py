@@ -386,25 +386,41 @@ class StaticDecodeKernels:
         self.out_ptrs = [self.out[i].data_ptr() for i in range(layers)]
         self.outputs = [self.out[i][:, None] for i in range(layers)]  # [B, 1, Hq, D] views
         self.lse_strides = list(self.lse.stride())
+        self.lse_ptr, self.ws_ptr = self.lse.data_ptr(), self.workspace.data_ptr()
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append ``k``/``v [B, 1, Hkv, D]`` at ``append_at`` of layer ``layer``'s cache, attend
         ``q [B, 1, Hq, D]`` (head dim contiguous) over each row's first ``cache_lens`` slots;
         returns layer ``layer``'s static output, ``[B, 1, Hq, D]`` (valid until the next step)."""
+        qs = q.stride()
+        self.run(layer, q.data_ptr(), [qs[0], qs[2], qs[3]], k.data_ptr(), v.data_ptr(),
+                 list(k.stride()), list(v.stride()))  # fmt: skip
+        return self.outputs[layer]
+
+    def run(
+        self,
+        layer: int,
+        q_ptr: int,
+        q_strides: list[int],
+        k_ptr: int,
+        v_ptr: int,
+        k_strides: list[int],
+        v_strides: list[int],
+    ) -> None:
+        """:meth:`__call__` on raw pointers: ``q`` ``[B, Hq, D]`` strides (3), ``k``/``v``
+        ``[B, 1, Hkv, D]`` strides (4), for callers whose inputs live in static buffers too;
+        writes ``self.out[layer]``."""  # fmt: skip
         kc, vc = self.k_ptrs[layer], self.v_ptrs[layer]
         strides = self.cache_strides
-        _C.kv_append(kc, vc, k.data_ptr(), v.data_ptr(), self.append_at, self.cache_shape, 1,
-                     strides, strides, list(k.stride()), list(v.stride()), self.dtype, 3, self.device,
-                     self.stream)  # fmt: skip
-        qs = q.stride()
+        _C.kv_append(kc, vc, k_ptr, v_ptr, self.append_at, self.cache_shape, 1, strides, strides,
+                     k_strides, v_strides, self.dtype, 3, self.device, self.stream)  # fmt: skip
         _C.decode_attention(
-            q.data_ptr(), kc, vc, self.cache_lens, self.kp_ptrs[layer], self.vp_ptrs[layer],
-            self.out_ptrs[layer], self.lse.data_ptr(), self.workspace.data_ptr(), self.ws_floats,
-            self.q_shape, self.cache_shape, self.prefix_shape, self.prefix_len, [qs[0], qs[2], qs[3]],
+            q_ptr, kc, vc, self.cache_lens, self.kp_ptrs[layer], self.vp_ptrs[layer],
+            self.out_ptrs[layer], self.lse_ptr, self.ws_ptr, self.ws_floats,
+            self.q_shape, self.cache_shape, self.prefix_shape, self.prefix_len, q_strides,
             strides, strides, self.prefix_strides, self.prefix_strides, self.out_strides,
             self.lse_strides, self.scale, self.dtype, 3, self.splits, self.device, self.stream,
         )  # fmt: skip
-        return self.outputs[layer]
 
 
 def unmask_scores(
@@ -441,3 +457,77 @@ def unmask_scores(
         sum_exp.data_ptr(),
     )  # fmt: skip
     return argmax, top, second, sum_exp
+
+
+# ---------------------------------------------------------------- decoder-layer elementwise ops
+def _rows_of(name: str, t: torch.Tensor, cols: int | None = None) -> tuple[int, int, int]:
+    """(rows, cols, row stride) of a float32 CPU tensor whose last dim is contiguous."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise TypeError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if t.dim() != 2 or t.stride(1) != 1 or (cols is not None and t.shape[1] != cols):
+        want = f"[rows, {cols}]" if cols is not None else "[rows, cols]"
+        raise ValueError(f"{name} must be {want} with contiguous rows, got {tuple(t.shape)} {t.stride()}")
+    return t.shape[0], t.shape[1], t.stride(0)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``_C.rms_norm`` on float32 CPU ``x [R, d]``: with ``residual [R, d]``, ``x += residual`` in
+    place first (the residual stream); returns ``weight * x / sqrt(mean(x^2) + eps)`` (in ``out``
+    when given, which may be ``x``). Sums of squares in 16 partial sums: a few ulp from torch."""
+    rows, dim, xs = _rows_of("rms_norm: x", x)
+    _rows_of("rms_norm: weight", weight[None], dim)
+    out = torch.empty_like(x) if out is None else out
+    if _rows_of("rms_norm: out", out, dim)[0] != rows:
+        raise ValueError(f"rms_norm: out has {out.shape[0]} rows, x {rows}")
+    rp, rs = 0, 0
+    if residual is not None:
+        if _rows_of("rms_norm: residual", residual, dim)[0] != rows:
+            raise ValueError(f"rms_norm: residual has {residual.shape[0]} rows, x {rows}")
+        rp, rs = residual.data_ptr(), residual.stride(0)
+    _C.rms_norm(x.data_ptr(), xs, rp, rs, weight.data_ptr(), out.data_ptr(), out.stride(0), rows, dim, eps)
+    return out
+
+
+def rotary_(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+) -> torch.Tensor:
+    """``_C.rotary``, in place on float32 CPU ``x [R, H, D]`` (each head contiguous): rotate-half
+    RoPE with rows ``positions [R]`` (int64) of the ``[P, D]`` tables ``cos`` (``cat(c, c)``) and
+    ``sin_signed`` (``cat(-s, s)``); bitwise ``x * cos + x.roll(D // 2, -1) * sin_signed``."""
+    if x.dim() != 3 or x.stride(2) != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(
+            "rotary_: x must be a float32 CPU [R, H, D] tensor with contiguous heads, "
+            f"got {x.dtype} {tuple(x.shape)}"
+        )
+    R, H, D = x.shape
+    P = _rows_of("rotary_: cos", cos, D)[0]
+    if _rows_of("rotary_: sin_signed", sin_signed, D)[0] != P or cos.stride(0) != sin_signed.stride(0):
+        raise ValueError("rotary_: cos and sin_signed must have one shape and stride")
+    if positions.dtype != torch.int64 or positions.shape != (R,) or not positions.is_contiguous():
+        raise ValueError(
+            f"rotary_: positions must be contiguous int64 [{R}], "
+            f"got {positions.dtype} {tuple(positions.shape)}"
+        )
+    _C.rotary(x.data_ptr(), R, H, D, x.stride(0), x.stride(1), positions.data_ptr(), cos.data_ptr(),
+              sin_signed.data_ptr(), P, cos.stride(0))  # fmt: skip
+    return x
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``_C.silu_mul``: ``silu(gate) * up`` for float32 CPU ``[R, n]`` rows sharing a row stride
+    (e.g. the two halves of a fused gate/up product), into ``out`` (default: a new tensor)."""
+    rows, n, gs = _rows_of("silu_mul: gate", gate)
+    if _rows_of("silu_mul: up", up, n)[:1] != (rows,) or up.stride(0) != gs:
+        raise ValueError("silu_mul: gate and up must have one shape and row stride")
+    out = torch.empty(rows, n) if out is None else out
+    if _rows_of("silu_mul: out", out, n)[0] != rows:
+        raise ValueError(f"silu_mul: out has {out.shape[0]} rows, gate {rows}")
+    _C.silu_mul(gate.data_ptr(), up.data_ptr(), gs, out.data_ptr(), out.stride(0), rows, n)
+    return out

@@ -200,9 +200,16 @@ class MLP(nn.Module):
         """``gate_proj``/``up_proj`` as views of one ``[2 intermediate, d]`` tensor (one matmul)."""
         self._gate_up = _fuse_linears((self.gate_proj, self.up_proj))
 
-    def forward(self, x):
+    def _gate_up_fused(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused gate/up weight and bias while still in use (see ``Attention._qkv_fused``)."""
         fused = self._gate_up
-        if fused is not None and _still_fused(fused, (self.gate_proj, self.up_proj)):
+        if fused is None or not _still_fused(fused, (self.gate_proj, self.up_proj)):
+            return None
+        return fused
+
+    def forward(self, x):
+        fused = self._gate_up_fused()
+        if fused is not None:
             gate, up = F.linear(x, *fused).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,156 @@
+"""The executor's float32 CPU decode step: one token per row through the whole decoder in a few
+calls a layer.
+
+On the CPU nothing replays a CUDA graph, and a small model's step is dominated by dispatch: about
+250 torch ops (RMSNorm alone is 6, each ~5 us for 256 floats) around 17 matmuls. This step keeps
+the matmuls in torch (``mm`` / ``addmm`` into static buffers: the products of ``F.linear``,
+bitwise) and does everything between them in ``_C`` on pointers converted once: RMSNorm fused
+with the residual add, RoPE on q and k from position-indexed tables, ``kv_append`` +
+``decode_attention``, SiLU * up. Per layer: 4 matmuls and 6 ``_C`` calls.
+
+RoPE, the residual adds, the embedding and the products are bitwise the generic step's; RMSNorm
+and SiLU round a few ulp differently (another summation order, another ``exp``), so hidden states
+agree to ~1e-6 relative and tokens agree except at exact near-ties (tests: tokens equal the
+generic step's and HF ``generate``'s).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _cuda
+from .transformer import MLP, Attention, Block, RMSNorm, Transformer, rope_cos_sin, signed_sin
+
+
+def unsupported_reason(model: Transformer) -> str | None:
+    """Why :class:`CPUDecodeStep` cannot run ``model`` (then the generic step does), or None."""
+    if type(model) is not Transformer:
+        return f"{type(model).__name__} is not a plain Transformer"
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return f"{model.dtype} on {model.device}: the step is float32 CPU"
+    if not _cuda.available():
+        return "hybridkernels._C is not built"
+    cfg = model.config
+    if cfg.qk_norm:
+        return "q/k norms (Qwen3) are not in the step"
+    if cfg.head_dim % 2:
+        return "odd head_dim"
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return "gradients are being recorded"
+    module = torch.nn.modules.module
+    if getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None):
+        return "global module hooks are registered"
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"a forward hook is registered on a {type(m).__name__}"
+    for block in model.layers:
+        if type(block) is not Block or type(block.mlp) is not MLP or type(block.self_attn) is not Attention:
+            return "a layer is not the stock Block / Attention / MLP"
+        norms = (block.input_layernorm, block.post_attention_layernorm)
+        if any(type(n) is not RMSNorm for n in norms):
+            return "a norm is not the stock RMSNorm"
+        if block.self_attn._qkv_fused() is None or block.mlp._gate_up_fused() is None:
+            return "the projections are not fused (Transformer.fuse_projections)"
+    if type(model.norm) is not RMSNorm:
+        return "the final norm is not the stock RMSNorm"
+    return None
+
+
+def _weights(model: Transformer) -> tuple[torch.Tensor | None, ...]:
+    """The tensors a step reads, in order: embedding, per layer (norm, fused q/k/v weight and
+    bias, o_proj weight and bias, norm, fused gate/up weight and bias, down_proj weight and bias),
+    final norm (None for a missing bias or fusion)."""
+    out = [model.embed_tokens.weight]
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        out += [
+            block.input_layernorm.weight,
+            *(attn._qkv or (None, None)),
+            attn.o_proj.weight,
+            attn.o_proj.bias,
+        ]
+        out += [block.post_attention_layernorm.weight, *(mlp._gate_up or (None, None))]
+        out += [mlp.down_proj.weight, mlp.down_proj.bias]
+    return (*out, model.norm.weight)
+
+
+class CPUDecodeStep:
+    """One decode step of ``rows`` rows over ``kernels`` (the state's
+    :class:`hybridkernels._cuda.StaticDecodeKernels`), reading the token ids ``tok [rows]`` and
+    positions ``pos [rows, 1]`` (int64, updated by the caller) and returning the final-normed
+    hidden states ``[rows, d]`` (a static buffer, valid until the next call). ``positions`` is the
+    number of RoPE table rows to build (every position a step will see is below it). Build it only
+    when :func:`unsupported_reason` is None, and rebuild it when :meth:`reads` turns False."""
+
+    def __init__(self, model: Transformer, kernels, tok, pos, *, rows: int, positions: int):
+        cfg = model.config
+        d, Hkv, D, inter = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        q_size = cfg.num_heads * D
+        self.weights = _weights(model)
+        self.kernels, self.tok, self.rows, self.d, self.inter = kernels, tok, rows, d, inter
+        self.h = torch.empty(rows, d)  # the residual stream
+        self.x = torch.empty(rows, d)  # a norm's output
+        self.qkv = torch.empty(rows, q_size + 2 * Hkv * D)
+        self.attn_out = [kernels.out[i].view(rows, q_size) for i in range(cfg.num_layers)]
+        self.branch = torch.empty(rows, d)  # o_proj / down_proj output, added to the stream
+        self.gate_up = torch.empty(rows, 2 * inter)
+        self.act = torch.empty(rows, inter)
+        cos, sin = rope_cos_sin(
+            model.inv_freq(torch.device("cpu")), torch.arange(positions)[None], torch.float32
+        )
+        self.cos, self.sin = cos[0, :, 0].contiguous(), signed_sin(sin)[0, :, 0].contiguous()
+        self.table_rows = positions
+
+        ptr = torch.Tensor.data_ptr
+        self.h_ptr, self.x_ptr, self.branch_ptr = ptr(self.h), ptr(self.x), ptr(self.branch)
+        self.gate_up_ptr, self.act_ptr = ptr(self.gate_up), ptr(self.act)
+        self.qkv_ptr, stride = ptr(self.qkv), self.qkv.stride(0)
+        self.k_ptr, self.v_ptr = self.qkv_ptr + 4 * q_size, self.qkv_ptr + 4 * (q_size + Hkv * D)
+        self.q_strides = [stride, D, 1]  # q as [B, Hq, D]
+        self.kv_strides = ([stride, stride, D, 1],) * 2  # k and v as [B, 1, Hkv, D]
+        # _C.rotary's arguments after (x, rows): q and k heads of each qkv row
+        self.rope = (cfg.num_heads + Hkv, D, stride, D, ptr(pos), ptr(self.cos), ptr(self.sin), positions, D)
+        self.layers = []
+        for block in model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
+            (qkv_w, qkv_b), (gate_up_w, gate_up_b) = attn._qkv_fused(), mlp._gate_up_fused()
+            o, down = attn.o_proj, mlp.down_proj
+            self.layers.append((
+                (ptr(norm1.weight), norm1.eps), (qkv_w.t(), qkv_b), (o.weight.t(), o.bias),
+                (ptr(norm2.weight), norm2.eps), (gate_up_w.t(), gate_up_b), (down.weight.t(), down.bias),
+            ))  # fmt: skip
+        self.final_norm = (ptr(model.norm.weight), model.norm.eps)
+
+    def reads(self, model: Transformer) -> bool:
+        """Whether ``model``'s weights are still the tensors this step was built on."""
+        now = _weights(model)
+        return len(now) == len(self.weights) and all(a is b for a, b in zip(now, self.weights, strict=True))
+
+    def __call__(self) -> torch.Tensor:
+        C, rows, d, inter = _cuda._C, self.rows, self.d, self.inter
+        torch.index_select(self.weights[0], 0, self.tok, out=self.h)
+        residual = 0  # what the next norm adds to the stream first: the previous layer's MLP output
+        for layer, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
+            C.rms_norm(self.h_ptr, d, residual, d, norm1[0], self.x_ptr, d, rows, d, norm1[1])
+            _linear(self.x, *qkv, self.qkv)
+            C.rotary(self.qkv_ptr, rows, *self.rope)
+            self.kernels.run(layer, self.qkv_ptr, self.q_strides, self.k_ptr, self.v_ptr, *self.kv_strides)
+            _linear(self.attn_out[layer], *o, self.branch)
+            C.rms_norm(self.h_ptr, d, self.branch_ptr, d, norm2[0], self.x_ptr, d, rows, d, norm2[1])
+            _linear(self.x, *gate_up, self.gate_up)
+            C.silu_mul(
+                self.gate_up_ptr, self.gate_up_ptr + 4 * inter, 2 * inter, self.act_ptr, inter, rows, inter
+            )
+            _linear(self.act, *down, self.branch)
+            residual = self.branch_ptr
+        C.rms_norm(self.h_ptr, d, residual, d, self.final_norm[0], self.x_ptr, d, rows, d, self.final_norm[1])
+        return self.x
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = F.linear(x, weight)`` with ``weight_t = weight.t()``: the same BLAS call."""
+    if bias is None:
+        torch.mm(x, weight_t, out=out)
+    else:
+        torch.addmm(bias, x, weight_t, out=out)
