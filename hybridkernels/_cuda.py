@@ -392,35 +392,20 @@ class StaticDecodeKernels:
         """Append ``k``/``v [B, 1, Hkv, D]`` at ``append_at`` of layer ``layer``'s cache, attend
         ``q [B, 1, Hq, D]`` (head dim contiguous) over each row's first ``cache_lens`` slots;
         returns layer ``layer``'s static output, ``[B, 1, Hq, D]`` (valid until the next step)."""
-        qs = q.stride()
-        self.run(layer, q.data_ptr(), [qs[0], qs[2], qs[3]], k.data_ptr(), v.data_ptr(),
-                 list(k.stride()), list(v.stride()))  # fmt: skip
-        return self.outputs[layer]
-
-    def run(
-        self,
-        layer: int,
-        q_ptr: int,
-        q_strides: list[int],
-        k_ptr: int,
-        v_ptr: int,
-        k_strides: list[int],
-        v_strides: list[int],
-    ) -> None:
-        """:meth:`__call__` on raw pointers: ``q`` ``[B, Hq, D]`` strides (3), ``k``/``v``
-        ``[B, 1, Hkv, D]`` strides (4), for callers whose inputs live in static buffers too;
-        writes ``self.out[layer]``."""  # fmt: skip
         kc, vc = self.k_ptrs[layer], self.v_ptrs[layer]
         strides = self.cache_strides
-        _C.kv_append(kc, vc, k_ptr, v_ptr, self.append_at, self.cache_shape, 1, strides, strides,
-                     k_strides, v_strides, self.dtype, 3, self.device, self.stream)  # fmt: skip
+        _C.kv_append(kc, vc, k.data_ptr(), v.data_ptr(), self.append_at, self.cache_shape, 1,
+                     strides, strides, list(k.stride()), list(v.stride()), self.dtype, 3, self.device,
+                     self.stream)  # fmt: skip
+        qs = q.stride()
         _C.decode_attention(
-            q_ptr, kc, vc, self.cache_lens, self.kp_ptrs[layer], self.vp_ptrs[layer],
+            q.data_ptr(), kc, vc, self.cache_lens, self.kp_ptrs[layer], self.vp_ptrs[layer],
             self.out_ptrs[layer], self.lse_ptr, self.ws_ptr, self.ws_floats,
-            self.q_shape, self.cache_shape, self.prefix_shape, self.prefix_len, q_strides,
+            self.q_shape, self.cache_shape, self.prefix_shape, self.prefix_len, [qs[0], qs[2], qs[3]],
             strides, strides, self.prefix_strides, self.prefix_strides, self.out_strides,
             self.lse_strides, self.scale, self.dtype, 3, self.splits, self.device, self.stream,
         )  # fmt: skip
+        return self.outputs[layer]
 
 
 def unmask_scores(

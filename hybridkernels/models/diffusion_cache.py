@@ -57,6 +57,15 @@ class DiffusionKVCache:
             "DiffusionKVCache", "attention_backend", attention_backend, "backend", backend
         )
         self.length = length
+        # As PrefillHook: on the CPU the automatic choice of the attention op is its reference (the
+        # spec: einsum, masks, an explicit log-sum-exp); unless a backend is named, the cached steps
+        # run torch's fused SDPA kernel instead (same contract, ~10x faster for a 16-row window).
+        self._sdpa = (
+            torch.device(device).type == "cpu"
+            and self.attention_backend is None
+            and ops.OP_BACKENDS["bidirectional_attention"].resolve(None, torch.device(device))
+            == ("reference", None)
+        )
         self.slots: torch.Tensor | None = None
         self.key_length = length
 
@@ -81,4 +90,6 @@ class DiffusionKVCache:
         mask = None if self.key_padding_mask is None else self.key_padding_mask[:, :n]
         if n < self.length:
             kb, vb = kb[:, :n], vb[:, :n]
+        if self._sdpa and not torch.is_grad_enabled():
+            return ops.sdpa_attention(q, kb, vb, key_padding_mask=mask)
         return ops.attention(q, kb, vb, key_padding_mask=mask, backend=self.attention_backend)

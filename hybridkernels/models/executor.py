@@ -23,8 +23,8 @@ import torch
 from ..common import emit_tokens, eos_tensor, generated_lengths, sample_tokens
 from ..ops import skip_value_checks
 from ..validation import check_int, renamed
-from . import cpu_decode
-from .cpu_decode import CPUDecodeStep
+from . import cpu_forward
+from .cpu_forward import CPUForward
 from .cuda_graphs import StepGraphs
 from .kv_cache import DecodeHook, PrefillHook, StaticKVCache
 from .one_at_a_time import OneCallAtATime, one_at_a_time
@@ -113,8 +113,8 @@ class _DecodeState:
             num_heads=cfg.num_heads,
         )
         self.graphs = StepGraphs(dev)
-        self.cpu_step: CPUDecodeStep | None = None  # built on first use, kept with the buffers
-        self.fast_step: CPUDecodeStep | None = None  # the step the coming decode runs, if any
+        self.cpu_forward: CPUForward | None = None  # built on first use, kept with the buffers
+        self.fast_forward: CPUForward | None = None  # what the coming decode runs, if anything
         self.positions = prefix_len + cache_len  # every position a step sees is below this
 
     @property
@@ -334,8 +334,8 @@ class ARExecutor:
     def _decode_step(self, s: _DecodeState) -> None:
         """One decode step on the static buffers: no allocation the graph cannot own, no host sync."""
         torch.add(s.append_at, 1, out=s.cache_lens)
-        if s.fast_step is not None:
-            hidden = s.fast_step()
+        if s.fast_forward is not None:
+            hidden = s.fast_forward(s.tok[:, None], s.pos, s.hook)[:, -1]
         else:
             x = self.model.embed(s.tok[:, None])
             out = self.model(inputs_embeds=x, position_ids=s.pos, kv_cache=s.hook, compute_logits=False)
@@ -351,13 +351,12 @@ class ARExecutor:
             return 0, 0.0
         use_graph = self._graph_enabled(s)
         direct = s.hook.prepare()  # the backends of every step, chosen once
-        s.fast_step = None
-        if direct and not use_graph and cpu_decode.unsupported_reason(self.model) is None:
-            if s.cpu_step is None or not s.cpu_step.reads(self.model):
-                s.cpu_step = CPUDecodeStep(
-                    self.model, s.hook.kernels, s.tok, s.pos, rows=s.tok.shape[0], positions=s.positions
-                )
-            s.fast_step = s.cpu_step
+        s.fast_forward = None
+        if direct and not use_graph and cpu_forward.unsupported_reason(self.model) is None:
+            if s.cpu_forward is None or not s.cpu_forward.reads(self.model):
+                rows = s.tok.shape[0]
+                s.cpu_forward = CPUForward(self.model, batch=rows, length=1, table_rows=s.positions)
+            s.fast_forward = s.cpu_forward
         generator = s.generator if s.sampling.temperature else None
         captured_before, i = s.graphs.capture_s, 0
         with skip_value_checks():  # indices are in bounds by construction; checks would sync

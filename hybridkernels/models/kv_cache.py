@@ -181,11 +181,6 @@ class DecodeHook:
         self._direct = self._kernels
         return True
 
-    @property
-    def kernels(self) -> _cuda.StaticDecodeKernels | None:
-        """The direct ``_C`` kernels :meth:`prepare` chose, or None (the ops' path)."""
-        return self._direct
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         direct = self._direct
         if (

@@ -29,7 +29,8 @@ from .. import ops
 from ..common import rank_and_commit
 from ..ops import skip_value_checks
 from ..validation import check_attention_mask, check_token_ids
-from . import checkpoint
+from . import checkpoint, cpu_forward
+from .cpu_forward import CPUForward
 from .cuda_graphs import StepGraphs
 from .diffusion_cache import DiffusionKVCache
 from .dream import DreamStepKey, dream_step, dream_step_key
@@ -138,6 +139,21 @@ class _Workspace:
                 attention_backend=planner.backend,
             )
         self.graphs = StepGraphs(device) if device.type == "cuda" else None
+        self.cpu_forwards: dict[tuple[int, int], CPUForward] = {}
+        self.use_cpu_forward = False  # set per generation (_Run): the cached forwards on CPUForward
+
+    def forward(self, model: Transformer, ids: torch.Tensor, positions: torch.Tensor, **fwd) -> torch.Tensor:
+        """The hidden states ``[rows, T, d]`` of ``ids`` at ``positions`` against the K/V cache
+        (its queries set): :class:`CPUForward` when ``use_cpu_forward``, else the model's forward."""
+        if not self.use_cpu_forward:
+            return model(ids, position_ids=positions, kv_cache=self.kv, **fwd).hidden
+        key = tuple(ids.shape)
+        f = self.cpu_forwards.get(key)
+        if f is None:
+            f = self.cpu_forwards[key] = CPUForward(
+                model, batch=key[0], length=key[1], table_rows=self.length
+            )
+        return f(ids, positions, self.kv)
 
     def load(self, prompt: torch.Tensor, attention_mask: torch.Tensor | None, mask_id: int) -> None:
         B, Lp = prompt.shape
@@ -347,11 +363,11 @@ class DiffusionPlanner:
             hidden = model(ids, ws.valid, position_ids=ws.pos, **fwd).hidden.index_select(1, slots)
         elif full:
             ws.kv.set_queries(ws.all_slots, ws.length)
-            hidden = model(ids, position_ids=ws.pos, kv_cache=ws.kv, **fwd).hidden.index_select(1, slots)
+            hidden = ws.forward(model, ids, ws.pos, **fwd).index_select(1, slots)
         else:
             ws.kv.set_queries(queries, ws.length)
             q_ids, q_pos = ids.index_select(1, queries), ws.pos.index_select(1, queries)
-            hidden = model(q_ids, position_ids=q_pos, kv_cache=ws.kv, **fwd).hidden[:, : slots.numel()]
+            hidden = ws.forward(model, q_ids, q_pos, **fwd)[:, : slots.numel()]
         if key.cfg_scale > 0:
             cond, uncond = hidden.float().chunk(2)
             hidden = (uncond + (key.cfg_scale + 1) * (cond - uncond)).to(model.dtype)
@@ -456,6 +472,12 @@ class _Run:
             p._workspace = _Workspace(p, B, Lp, o.gen_length, has_mask, cfg, o.cache, device)
         self.ws = ws = p._workspace
         ws.load(prompt_ids, attention_mask, p.mask_id)
+        # On the CPU with the automatic backends, the cached forwards skip torch's per-op dispatch.
+        ws.use_cpu_forward = (
+            ws.kv is not None and p.backend is None and cpu_forward.unsupported_reason(p.model) is None
+        )
+        if ws.use_cpu_forward:  # forget forwards built on weight tensors the model no longer has
+            ws.cpu_forwards = {k: f for k, f in ws.cpu_forwards.items() if f.reads(p.model)}
         if self.deferred and self.deferred not in ws.deferred_ids:
             ws.deferred_ids[self.deferred] = torch.tensor(self.deferred, device=device)
         self.committed: list[torch.Tensor] = []

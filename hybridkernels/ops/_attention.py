@@ -29,6 +29,10 @@ def _triton_attention(q, k, v, **kwargs):
     return flash_attention(q, k, v, **kwargs)
 
 
+# SDPA's grouped-query mode (torch >= 2.5) reads each kv head once instead of a repeated copy.
+_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
 def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -56,7 +60,10 @@ def sdpa_attention(
         )
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    if Hq != Hkv:  # GQA: repeat kv heads (enable_gqa needs torch >= 2.5)
+    gqa = {}
+    if Hq != Hkv and _SDPA_GQA:
+        gqa = {"enable_gqa": True}
+    elif Hq != Hkv:  # torch < 2.5: repeat the kv heads
         k = k[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
         v = v[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
     visible = None
@@ -81,6 +88,7 @@ def sdpa_attention(
         attn_mask=visible,
         is_causal=causal and block_causal is None and visible is None,
         scale=scale,
+        **gqa,
     )
     if seen is not None:
         out = out * seen

@@ -1,4 +1,4 @@
-"""The float32 CPU decode step (``models/cpu_decode.py``) and its ``_C`` pieces (RMSNorm with the
+"""The float32 CPU forward (``models/cpu_forward.py``) and its ``_C`` pieces (RMSNorm with the
 residual add, RoPE from position tables, SiLU * up) against torch and the generic step: random
 inputs, odd widths, strided rows, GQA, biases, tied embeddings, shared prefixes, bad input."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridkernels import _cuda
-from hybridkernels.models import ARExecutor, Transformer, cpu_decode
+from hybridkernels.models import ARExecutor, Transformer, cpu_forward
 from hybridkernels.models.config import TransformerConfig
 from hybridkernels.models.transformer import RMSNorm, apply_rotary, rope_cos_sin, signed_sin
 from hybridkernels.reference.ar_loop import ar_generate
@@ -107,14 +107,14 @@ def _run(model, monkeypatch, fast, **kw):
     """generate() with the fast step on or off; returns (tokens, hidden states given to _emit per
     decode step, whether the fast step ran)."""
     if not fast:
-        monkeypatch.setattr(cpu_decode, "unsupported_reason", lambda model: "forced off")
+        monkeypatch.setattr(cpu_forward, "unsupported_reason", lambda model: "forced off")
     ex = ARExecutor(model)
     hiddens, used = [], []
     emit = ARExecutor._emit
 
     def record(self, s, hidden, repeats=1):
         hiddens.append(hidden.clone())
-        used.append(s.fast_step is not None)
+        used.append(s.fast_forward is not None)
         emit(self, s, hidden, repeats)
 
     monkeypatch.setattr(ARExecutor, "_emit", record)
@@ -144,7 +144,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fast_step_equals_the_generic_step_and_the_no_cache_loop(case, batch, monkeypatch):
+def test_fast_forward_equals_the_generic_step_and_the_no_cache_loop(case, batch, monkeypatch):
     model = _model(**CASES[case])
     ids, mask = _prompts(B=batch)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7)
@@ -157,7 +157,7 @@ def test_fast_step_equals_the_generic_step_and_the_no_cache_loop(case, batch, mo
     assert torch.equal(fast, ar_generate(model, ids, mask, max_new_tokens=7).tokens)
 
 
-def test_fast_step_with_a_shared_prefix_and_latent_prefix(monkeypatch):
+def test_fast_forward_with_a_shared_prefix_and_latent_prefix(monkeypatch):
     model = _model(seed=3)
     ids, mask = _prompts(B=1, pads=(2,))
     prefix = 0.5 * torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(4))
@@ -178,25 +178,25 @@ def test_positions_up_to_the_last_table_row(monkeypatch):
     ex = ARExecutor(model, max_cache_len=12)
     out = ex.generate(ids, mask, max_new_tokens=6)
     state = next(iter(ex._states.values()))
-    assert state.fast_step is not None and state.fast_step.table_rows == 12
+    assert state.fast_forward is not None and state.fast_forward.table_rows == 12
     assert torch.equal(out.tokens, ar_generate(model, ids, mask, max_new_tokens=6).tokens)
 
 
 @torch.no_grad()
 def test_unsupported_models_and_settings_run_the_generic_step():
     model = _model()
-    assert cpu_decode.unsupported_reason(model) is None
-    assert "q/k norms" in cpu_decode.unsupported_reason(_model(qk_norm=True, family="qwen3"))
-    assert "float32 CPU" in cpu_decode.unsupported_reason(_model().to(torch.float64))
+    assert cpu_forward.unsupported_reason(model) is None
+    assert "q/k norms" in cpu_forward.unsupported_reason(_model(qk_norm=True, family="qwen3"))
+    assert "float32 CPU" in cpu_forward.unsupported_reason(_model().to(torch.float64))
     handle = model.layers[1].mlp.register_forward_hook(lambda m, i, o: None)
-    assert "forward hook" in cpu_decode.unsupported_reason(model)
+    assert "forward hook" in cpu_forward.unsupported_reason(model)
     handle.remove()
     with torch.enable_grad():
-        assert "gradients" in cpu_decode.unsupported_reason(model)
-    assert cpu_decode.unsupported_reason(model) is None
+        assert "gradients" in cpu_forward.unsupported_reason(model)
+    assert cpu_forward.unsupported_reason(model) is None
     mlp = model.layers[0].mlp
     mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.clone())
-    assert "not fused" in cpu_decode.unsupported_reason(model)
+    assert "not fused" in cpu_forward.unsupported_reason(model)
 
 
 def test_a_hooked_model_is_decoded_by_the_generic_step(monkeypatch):
@@ -220,4 +220,49 @@ def test_the_step_is_rebuilt_when_the_weights_are_new_tensors(monkeypatch):
         model.fuse_projections()
     out = ex.generate(ids, mask, max_new_tokens=4)
     assert torch.equal(out.tokens, ar_generate(model, ids, mask, max_new_tokens=4).tokens)
-    assert next(iter(ex._states.values())).cpu_step.reads(model)
+    assert next(iter(ex._states.values())).cpu_forward.reads(model)
+
+
+# ---------------------------------------------------------------------------- the planner
+def _planner_model(seed=0, **overrides):
+    cfg = dict(
+        vocab_size=131, hidden_size=64, intermediate_size=80, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=64, causal=False, family="llada", mask_token_id=130,
+        eos_token_ids=(1,), eot_token_id=2,
+    ) | overrides  # fmt: skip
+    model = Transformer(TransformerConfig(**cfg))
+    model.reset_parameters(std=0.3, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(cache="dual"),
+        dict(cache="prefix"),
+        dict(cache="dual", threshold=0.2, cfg_scale=0.5),
+        dict(cache="dual", remasking="random", temperature=0.7),
+    ],
+    ids=["dual", "prefix", "dual-threshold-cfg", "dual-random-sampled"],
+)
+def test_planner_cached_steps_on_cpu_forward_equal_the_generic_forward(kw, monkeypatch):
+    from hybridkernels.models import DiffusionPlanner
+    from hybridkernels.models import planner as planner_module
+
+    model = _planner_model(qkv_bias=True)
+    ids, mask = _prompts(B=3, L=7, pads=(0, 2, 4), V=129)
+    calls = []
+    real = cpu_forward.CPUForward.__call__
+    monkeypatch.setattr(
+        cpu_forward.CPUForward, "__call__", lambda self, *a: calls.append(1) or real(self, *a)
+    )
+    args = dict(gen_length=16, block_length=8, steps=16) | kw
+    seeded = {"generator": torch.Generator().manual_seed(3)} if "temperature" in kw else {}
+    fast = DiffusionPlanner(model).generate(ids, mask, **args, **seeded)
+    assert calls  # the cached steps and refreshes ran on CPUForward
+    monkeypatch.setattr(planner_module.cpu_forward, "unsupported_reason", lambda model: "forced off")
+    calls.clear()
+    seeded = {"generator": torch.Generator().manual_seed(3)} if "temperature" in kw else {}
+    slow = DiffusionPlanner(model).generate(ids, mask, **args, **seeded)
+    assert not calls
+    assert torch.equal(fast.tokens, slow.tokens)

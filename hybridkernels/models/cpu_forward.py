@@ -1,17 +1,18 @@
-"""The executor's float32 CPU decode step: one token per row through the whole decoder in a few
-calls a layer.
+"""A float32 CPU forward of a stock :class:`Transformer` over a K/V cache hook, in a few calls a
+layer: the executor's decode step and the planner's cached steps.
 
-On the CPU nothing replays a CUDA graph, and a small model's step is dominated by dispatch: about
-250 torch ops (RMSNorm alone is 6, each ~5 us for 256 floats) around 17 matmuls. This step keeps
-the matmuls in torch (``mm`` / ``addmm`` into static buffers: the products of ``F.linear``,
-bitwise) and does everything between them in ``_C`` on pointers converted once: RMSNorm fused
-with the residual add, RoPE on q and k from position-indexed tables, ``kv_append`` +
-``decode_attention``, SiLU * up. Per layer: 4 matmuls and 6 ``_C`` calls.
+On the CPU nothing replays a CUDA graph, and a small model's cached step is dominated by
+dispatch: about 250 torch ops (RMSNorm alone is 6, each ~5 us for 256 floats) around 17 matmuls.
+:class:`CPUForward` keeps the matmuls in torch (``mm`` / ``addmm`` into static buffers: the
+products of ``F.linear``, bitwise) and the attention in the hook (``attend(layer, q, k, v)``, as
+:meth:`Transformer.forward` calls it), and does everything else in ``_C`` on pointers converted
+once: RMSNorm fused with the residual add, RoPE on q and k from position-indexed tables, SiLU *
+up. Per layer: 4 matmuls, 4 ``_C`` calls and the hook.
 
-RoPE, the residual adds, the embedding and the products are bitwise the generic step's; RMSNorm
-and SiLU round a few ulp differently (another summation order, another ``exp``), so hidden states
-agree to ~1e-6 relative and tokens agree except at exact near-ties (tests: tokens equal the
-generic step's and HF ``generate``'s).
+RoPE, the residual adds, the embedding and the products are bitwise the generic forward's;
+RMSNorm and SiLU round a few ulp differently (another summation order, another ``exp``), so hidden
+states agree to ~1e-6 relative and tokens agree except at exact near-ties (tests: tokens equal
+the generic forward's, the no-cache loops' and HF ``generate``'s).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .transformer import MLP, Attention, Block, RMSNorm, Transformer, rope_cos_s
 
 
 def unsupported_reason(model: Transformer) -> str | None:
-    """Why :class:`CPUDecodeStep` cannot run ``model`` (then the generic step does), or None."""
+    """Why :class:`CPUForward` cannot run ``model`` (then the generic forward does), or None."""
     if type(model) is not Transformer:
         return f"{type(model).__name__} is not a plain Transformer"
     if model.device.type != "cpu" or model.dtype != torch.float32:
@@ -74,42 +75,45 @@ def _weights(model: Transformer) -> tuple[torch.Tensor | None, ...]:
     return (*out, model.norm.weight)
 
 
-class CPUDecodeStep:
-    """One decode step of ``rows`` rows over ``kernels`` (the state's
-    :class:`hybridkernels._cuda.StaticDecodeKernels`), reading the token ids ``tok [rows]`` and
-    positions ``pos [rows, 1]`` (int64, updated by the caller) and returning the final-normed
-    hidden states ``[rows, d]`` (a static buffer, valid until the next call). ``positions`` is the
-    number of RoPE table rows to build (every position a step will see is below it). Build it only
+class CPUForward:
+    """``model(ids, position_ids=positions, kv_cache=hook, compute_logits=False).hidden`` for
+    ``ids`` / ``positions`` int64 ``[batch, length]`` on static buffers: returns the final-normed
+    hidden states ``[batch, length, d]``, a buffer valid until the next call. ``table_rows``: the
+    RoPE tables' size (every position must be below it: ``_C`` raises otherwise). Build it only
     when :func:`unsupported_reason` is None, and rebuild it when :meth:`reads` turns False."""
 
-    def __init__(self, model: Transformer, kernels, tok, pos, *, rows: int, positions: int):
+    def __init__(self, model: Transformer, *, batch: int, length: int, table_rows: int):
         cfg = model.config
-        d, Hkv, D, inter = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-        q_size = cfg.num_heads * D
+        d, Hq, Hkv, D, inter = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        )
+        rows = batch * length
         self.weights = _weights(model)
-        self.kernels, self.tok, self.rows, self.d, self.inter = kernels, tok, rows, d, inter
+        self.shape, self.rows, self.d, self.inter = (batch, length), rows, d, inter
         self.h = torch.empty(rows, d)  # the residual stream
         self.x = torch.empty(rows, d)  # a norm's output
-        self.qkv = torch.empty(rows, q_size + 2 * Hkv * D)
-        self.attn_out = [kernels.out[i].view(rows, q_size) for i in range(cfg.num_layers)]
+        self.qkv = torch.empty(rows, (Hq + 2 * Hkv) * D)
+        heads = self.qkv.view(batch, length, Hq + 2 * Hkv, D)
+        self.q, self.k, self.v = heads[:, :, :Hq], heads[:, :, Hq : Hq + Hkv], heads[:, :, Hq + Hkv :]
         self.branch = torch.empty(rows, d)  # o_proj / down_proj output, added to the stream
         self.gate_up = torch.empty(rows, 2 * inter)
         self.act = torch.empty(rows, inter)
         cos, sin = rope_cos_sin(
-            model.inv_freq(torch.device("cpu")), torch.arange(positions)[None], torch.float32
+            model.inv_freq(torch.device("cpu")), torch.arange(table_rows)[None], torch.float32
         )
         self.cos, self.sin = cos[0, :, 0].contiguous(), signed_sin(sin)[0, :, 0].contiguous()
-        self.table_rows = positions
+        self.table_rows = table_rows
 
         ptr = torch.Tensor.data_ptr
         self.h_ptr, self.x_ptr, self.branch_ptr = ptr(self.h), ptr(self.x), ptr(self.branch)
-        self.gate_up_ptr, self.act_ptr = ptr(self.gate_up), ptr(self.act)
-        self.qkv_ptr, stride = ptr(self.qkv), self.qkv.stride(0)
-        self.k_ptr, self.v_ptr = self.qkv_ptr + 4 * q_size, self.qkv_ptr + 4 * (q_size + Hkv * D)
-        self.q_strides = [stride, D, 1]  # q as [B, Hq, D]
-        self.kv_strides = ([stride, stride, D, 1],) * 2  # k and v as [B, 1, Hkv, D]
-        # _C.rotary's arguments after (x, rows): q and k heads of each qkv row
-        self.rope = (cfg.num_heads + Hkv, D, stride, D, ptr(pos), ptr(self.cos), ptr(self.sin), positions, D)
+        self.gate_up_ptr, self.act_ptr, self.qkv_ptr = ptr(self.gate_up), ptr(self.act), ptr(self.qkv)
+        # _C.rotary's arguments after (x, rows) and before positions: the q and k heads of a qkv row
+        self.rope_heads = (Hq + Hkv, D, self.qkv.stride(0), D)
+        self.rope_tables = (ptr(self.cos), ptr(self.sin), table_rows, D)
         self.layers = []
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -123,20 +127,25 @@ class CPUDecodeStep:
         self.final_norm = (ptr(model.norm.weight), model.norm.eps)
 
     def reads(self, model: Transformer) -> bool:
-        """Whether ``model``'s weights are still the tensors this step was built on."""
+        """Whether ``model``'s weights are still the tensors this forward was built on."""
         now = _weights(model)
         return len(now) == len(self.weights) and all(a is b for a, b in zip(now, self.weights, strict=True))
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, hook) -> torch.Tensor:
+        if tuple(ids.shape) != self.shape or tuple(positions.shape) != self.shape:
+            raise ValueError(f"CPUForward: ids and positions must be {list(self.shape)}, got "
+                             f"{list(ids.shape)} and {list(positions.shape)}")  # fmt: skip
+        positions = positions if positions.is_contiguous() else positions.contiguous()
         C, rows, d, inter = _cuda._C, self.rows, self.d, self.inter
-        torch.index_select(self.weights[0], 0, self.tok, out=self.h)
+        torch.index_select(self.weights[0], 0, ids.reshape(-1), out=self.h)
+        pos = positions.data_ptr()
         residual = 0  # what the next norm adds to the stream first: the previous layer's MLP output
         for layer, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
             C.rms_norm(self.h_ptr, d, residual, d, norm1[0], self.x_ptr, d, rows, d, norm1[1])
             _linear(self.x, *qkv, self.qkv)
-            C.rotary(self.qkv_ptr, rows, *self.rope)
-            self.kernels.run(layer, self.qkv_ptr, self.q_strides, self.k_ptr, self.v_ptr, *self.kv_strides)
-            _linear(self.attn_out[layer], *o, self.branch)
+            C.rotary(self.qkv_ptr, rows, *self.rope_heads, pos, *self.rope_tables)
+            out = hook.attend(layer, self.q, self.k, self.v)
+            _linear(out.reshape(rows, -1), *o, self.branch)
             C.rms_norm(self.h_ptr, d, self.branch_ptr, d, norm2[0], self.x_ptr, d, rows, d, norm2[1])
             _linear(self.x, *gate_up, self.gate_up)
             C.silu_mul(
@@ -145,7 +154,7 @@ class CPUDecodeStep:
             _linear(self.act, *down, self.branch)
             residual = self.branch_ptr
         C.rms_norm(self.h_ptr, d, residual, d, self.final_norm[0], self.x_ptr, d, rows, d, self.final_norm[1])
-        return self.x
+        return self.x.view(*self.shape, d)
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
