@@ -23,6 +23,7 @@ returned confidences are ours, within ``tol`` of the reference's.
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections.abc import Sequence
@@ -93,13 +94,13 @@ def _pool() -> ThreadPoolExecutor:
 def scores(hidden: torch.Tensor, lm_head: torch.Tensor, banned: Sequence[int]):
     """``_cuda.unmask_scores`` over ``torch.get_num_threads()`` vocabulary ranges in parallel
     (``_C`` releases the GIL), merged. Returns ``(argmax, top, second, sum_exp, finite)``;
-    rows with ``finite`` False (a NaN or infinite maximum) have no meaningful partials."""
+    rows with ``finite`` False (a NaN or infinite maximum) have no meaningful partials; from one
+    range ``finite`` is None: a row is finite when its ``top`` and ``sum_exp`` are."""
     V, d = lm_head.shape
     R = hidden.shape[0]
     parts = max(1, min(torch.get_num_threads(), (R * V * d) // _MIN_SPLIT_WORK, V))
     if parts == 1:
-        am, top, second, s = _cuda.unmask_scores(hidden, lm_head, banned)
-        return am, top, second, s, torch.isfinite(top) & torch.isfinite(s)
+        return (*_cuda.unmask_scores(hidden, lm_head, banned), None)
     bounds = [V * i // parts for i in range(parts + 1)]
     ids = sorted(set(banned))
     # Workers run only _C (no torch op: a forked child's intra-op pool rejects other threads).
@@ -145,62 +146,54 @@ def fused_cpu_unmask_step(
     if rows.numel():
         h = hidden[committable]  # [rows, d], row-major over (b, r) like `rows`
         am, top, second, s, finite = scores(h, lm_head, banned_token_ids)
-        if not bool(finite.all()):
+        # The margins are checked in Python floats (IEEE doubles, as float64 tensors would be):
+        # a few dozen values, where each torch op would cost more than the arithmetic.
+        top, second = top.tolist(), second.tolist()
+        if not (all(finite.tolist()) if finite is not None else all(map(math.isfinite, top + s.tolist()))):
             return None
         # |matmul - exact| <= d u sum|h w| in any summation order; ours sums 16 lanes of d / 16
         # FMAs, a 4-level tree and the d % 16 tail: <= (d / 16 + 21) u sum|h w|; and
         # sum|h w| <= ||h|| max_v ||w_v||.
-        err = (
-            1.01
-            * (d + d // 16 + 26)
-            * _U
-            * torch.linalg.vector_norm(h.double(), dim=1)
-            * lm_head_max_norm(lm_head)
-        )
-        if not bool((top.double() - second.double() > 2 * err).all()):
+        scale = 1.01 * (d + d // 16 + 26) * _U
+        w_norm = lm_head_max_norm(lm_head)
+        err = [scale * n * w_norm for n in torch.linalg.vector_norm(h.double(), dim=1).tolist()]
+        if not all(t - u > 2 * e for t, u, e in zip(top, second, err, strict=True)):
             return None
         # Relative: logit errors (2 err), our exp (4e-7) and torch's float32 softmax sum.
-        tol = 2.02 * float(err.max()) + 4e-7 + (V / 8 + 64) * _U
+        tol = 2.02 * max(err) + 4e-7 + (V / 8 + 64) * _U
         conf = (1.0 / s).float()
         if deferred_token_ids:
             conf = conf.masked_fill(torch.isin(am, torch.tensor(list(deferred_token_ids))), float("-inf"))
         tokens.view(-1).index_copy_(0, rows, am)
         confidence.view(-1).index_copy_(0, rows, conf)
-        if not _ranking_certain(confidence, committable, num_transfer, threshold, tol):
+        k = None if num_transfer is None else num_transfer.tolist()
+        if not _ranking_certain(rows.tolist(), conf.tolist(), B, Lr, k, threshold, tol):
             return None
     committed = rank_and_commit(confidence, committable, num_transfer=num_transfer, threshold=threshold)
     window[committed] = tokens[committed]
     return UnmaskResult(x, committed, tokens, confidence)
 
 
-def _apart(a: torch.Tensor, b: torch.Tensor, tol: float) -> torch.Tensor:
+def _apart(a: float, b: float, tol: float) -> bool:
     """``a >= b`` ranked apart for certain: equal ``-inf`` (ordered by position in both) or
     ``a - b > 2 tol |a|``."""
-    both_inf = (a == float("-inf")) & (b == float("-inf"))
-    return both_inf | (a.double() - b.double() > 2 * tol * a.double().abs())
+    return (a == b == float("-inf")) or a - b > 2 * tol * abs(a)
 
 
-def _ranking_certain(confidence, committable, num_transfer, threshold, tol: float) -> bool:
-    """Whether ranking by our confidences (each within ``tol`` of the reference's, relative)
-    commits the same rows as ranking by the reference's."""
-    # Not committable: -inf, after every committable row with a finite confidence.
-    ranked = torch.where(committable, confidence, float("-inf")).sort(dim=1, descending=True).values
-    n = committable.sum(dim=1)
+def _ranking_certain(rows, conf, B: int, Lr: int, num_transfer, threshold, tol: float) -> bool:
+    """Whether ranking by our confidences ``conf`` (of the committable flat indices ``rows``,
+    each within ``tol`` of the reference's, relative) commits the same rows as ranking by the
+    reference's. ``num_transfer``: a list of ``B`` ints, or None with ``threshold``."""
+    ranked = [[] for _ in range(B)]
+    for i, c in zip(rows, conf, strict=True):
+        ranked[i // Lr].append(c)
+    for r in ranked:
+        r.sort(reverse=True)
     if threshold is not None:
-        c = confidence[committable & (confidence > float("-inf"))].double()
-        if bool(((c - threshold).abs() <= tol * c.abs()).any()):
+        if any(c > float("-inf") and abs(c - threshold) <= tol * abs(c) for c in conf):
             return False
-        pick = n >= 2
-        if bool(pick.any()):
-            first, runner = ranked[pick, 0], ranked[pick, 1]
-            return bool(_apart(first, runner, tol).all())
-        return True
-    k = num_transfer.to(torch.int64)
-    cut = (k > 0) & (k < n)
-    if not bool(cut.any()):
-        return True
-    idx = k[cut] - 1
-    rows = ranked[cut]
-    inside = rows.gather(1, idx[:, None])[:, 0]
-    outside = rows.gather(1, (idx + 1)[:, None])[:, 0]
-    return bool(_apart(inside, outside, tol).all())
+        return all(_apart(r[0], r[1], tol) for r in ranked if len(r) >= 2)
+    # The first k of a row commit: the k-th and (k+1)-th must be apart, where k cuts the row.
+    return all(
+        _apart(r[k - 1], r[k], tol) for r, k in zip(ranked, num_transfer, strict=True) if 0 < k < len(r)
+    )
