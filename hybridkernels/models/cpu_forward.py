@@ -18,6 +18,7 @@ the generic forward's, the no-cache loops' and HF ``generate``'s).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import _cuda
 from .transformer import MLP, Attention, Block, RMSNorm, Transformer, rope_cos_sin, signed_sin
@@ -114,6 +115,7 @@ class CPUForward:
         # _C.rotary's arguments after (x, rows) and before positions: the q and k heads of a qkv row
         self.rope_heads = (Hq + Hkv, D, self.qkv.stride(0), D)
         self.rope_tables = (ptr(self.cos), ptr(self.sin), table_rows, D)
+        pack = sum(p.numel() * p.element_size() for p in model.layers.parameters()) <= _PACK_BYTES
         self.layers = []
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -121,8 +123,9 @@ class CPUForward:
             (qkv_w, qkv_b), (gate_up_w, gate_up_b) = attn._qkv_fused(), mlp._gate_up_fused()
             o, down = attn.o_proj, mlp.down_proj
             self.layers.append((
-                (ptr(norm1.weight), norm1.eps), (qkv_w.t(), qkv_b), (o.weight.t(), o.bias),
-                (ptr(norm2.weight), norm2.eps), (gate_up_w.t(), gate_up_b), (down.weight.t(), down.bias),
+                (ptr(norm1.weight), norm1.eps), _Linear(qkv_w, qkv_b, rows, pack),
+                _Linear(o.weight, o.bias, rows, pack), (ptr(norm2.weight), norm2.eps),
+                _Linear(gate_up_w, gate_up_b, rows, pack), _Linear(down.weight, down.bias, rows, pack),
             ))  # fmt: skip
         self.final_norm = (ptr(model.norm.weight), model.norm.eps)
 
@@ -142,24 +145,55 @@ class CPUForward:
         residual = 0  # what the next norm adds to the stream first: the previous layer's MLP output
         for layer, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
             C.rms_norm(self.h_ptr, d, residual, d, norm1[0], self.x_ptr, d, rows, d, norm1[1])
-            _linear(self.x, *qkv, self.qkv)
+            qkv(self.x, self.qkv)
             C.rotary(self.qkv_ptr, rows, *self.rope_heads, pos, *self.rope_tables)
             out = hook.attend(layer, self.q, self.k, self.v)
-            _linear(out.reshape(rows, -1), *o, self.branch)
+            o(out.reshape(rows, -1), self.branch)
             C.rms_norm(self.h_ptr, d, self.branch_ptr, d, norm2[0], self.x_ptr, d, rows, d, norm2[1])
-            _linear(self.x, *gate_up, self.gate_up)
+            gate_up(self.x, self.gate_up)
             C.silu_mul(
                 self.gate_up_ptr, self.gate_up_ptr + 4 * inter, 2 * inter, self.act_ptr, inter, rows, inter
             )
-            _linear(self.act, *down, self.branch)
+            down(self.act, self.branch)
             residual = self.branch_ptr
         C.rms_norm(self.h_ptr, d, residual, d, self.final_norm[0], self.x_ptr, d, rows, d, self.final_norm[1])
         return self.x.view(*self.shape, d)
 
 
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """``out = F.linear(x, weight)`` with ``weight_t = weight.t()``: the same BLAS call."""
-    if bias is None:
-        torch.mm(x, weight_t, out=out)
-    else:
-        torch.addmm(bias, x, weight_t, out=out)
+# Layer weights up to this size get an MKL-prepacked copy per CPUForward (beyond it, the memory).
+_PACK_BYTES = 256 << 20
+
+
+class _Linear:
+    """``out = F.linear(x, weight, bias)`` for ``[rows, in]`` inputs, into a static ``out``. MKL's
+    prepacked product (``torch.ops.mkl._mkl_linear``: 10-40% faster at 16-128 rows here) where
+    torch has it and it gives ``F.linear``'s product bitwise at this row count, checked on a random
+    input when built (at 16+ rows it sums in the same order; below, MKL picks other kernels and
+    the check fails); else ``mm`` / ``addmm`` on ``weight.t()``: the very call ``F.linear`` makes."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, pack: bool):
+        self.weight, self.weight_t, self.bias, self.rows = weight, weight.t(), bias, rows
+        self.packed = _pack(weight, bias, rows) if pack else None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self.packed is not None:
+            out.copy_(torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows))
+        elif self.bias is None:
+            torch.mm(x, self.weight_t, out=out)
+        else:
+            torch.addmm(self.bias, x, self.weight_t, out=out)
+
+
+def _pack(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """MKL's packed ``weight`` for ``rows``-row products when that product is ``F.linear``'s."""
+    if not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear"):
+        return None
+    try:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows))
+        same = torch.equal(
+            torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows), F.linear(x, weight, bias)
+        )
+    except RuntimeError:  # a build whose MKL ops refuse these arguments
+        return None
+    return packed if same else None
