@@ -38,27 +38,33 @@ def render() -> str:
             f"{env['date'][:10]} (`{command}`, `benches/results/{run['file']}`)"
         )
         if run.get("probes"):
-            p = run["probes"]
-            head += (
-                f"; measured ceilings {p['copy_bandwidth_gbs']:.0f} GB/s copy, "
-                f"{p['matmul_tflops']:.0f} TFLOP/s bf16 matmul"
-            )
+            head += f"; measured ceilings: {_ceilings(run['probes'])}"
         lines = [
             head,
             "",
-            "| stage | case | baseline | ours | speedup | of floor | agreement |",
-            "|---|---|---|---|---:|---:|---|",
+            "| stage | case | baseline | ours | speedup | step ms | floor ms | step / floor | agreement |",
+            "|---|---|---|---|---:|---:|---:|---:|---|",
         ]
         for r in run["rows"]:
             unit = r["unit"]
-            floor = f"{100 * r['floor_fraction']:.0f}%" if r.get("floor_fraction") is not None else "-"
+            step, floor = r.get("step_ms"), r.get("floor_ms")
+            cells = ("-", "-", "-") if step is None or floor is None else (
+                f"{step:.2f}", f"{floor:.2f}", f"{step / floor:.1f}x"
+            )  # fmt: skip
             lines.append(
                 f"| {r['stage']} | {r['case']} | {r['baseline']}: {r['baseline_value']:.1f} {unit} "
-                f"| {r['ours']}: {r['ours_value']:.1f} {unit} | {r['speedup']:.2f}x | {floor} "
-                f"| {r['agreement']} |"
+                f"| {r['ours']}: {r['ours_value']:.1f} {unit} | {r['speedup']:.2f}x | "
+                + " | ".join(cells)
+                + f" | {r['agreement']} |"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _ceilings(probes: dict) -> str:
+    from hybridkernels.bench import _ceilings
+
+    return _ceilings(probes)
 
 
 def _quality(run: dict) -> str:
