@@ -81,10 +81,10 @@ def dream_hidden(planner, ws, full: bool, slots: torch.Tensor, queries: torch.Te
         return model(ws.x, ws.valid, position_ids=ws.pos, **fwd).hidden.index_select(1, slots - 1)
     if full:
         ws.kv.set_queries(ws.all_slots, ws.length)
-        return model(ws.x, position_ids=ws.pos, kv_cache=ws.kv, **fwd).hidden.index_select(1, slots - 1)
+        return ws.forward(model, ws.x, ws.pos, **fwd).index_select(1, slots - 1)
     ws.kv.set_queries(queries, ws.length)
     q_ids, q_pos = ws.x.index_select(1, queries), ws.pos.index_select(1, queries)
-    return model(q_ids, position_ids=q_pos, kv_cache=ws.kv, **fwd).hidden[:, : slots.numel()]
+    return ws.forward(model, q_ids, q_pos, **fwd)[:, : slots.numel()]
 
 
 def dream_step(planner, ws, key, full: bool, slots, queries, generator) -> None:
