@@ -381,13 +381,15 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
 // The fused unmask scoring pass on host memory: hidden [R, d] and lm_head [V, d] (strides in
 // elements), banned ids (any order, repeats allowed), and four output buffers of R
 // elements that the caller allocated: int64 argmax, float32 max / second logit, float64 sum of
-// exponentials. See UnmaskScoreArgs.
+// exponentials; optionally (packed != 0) the float32 k-major packed copy of lm_head of
+// packed_panels panels, summed in chunks of k_chunk. See UnmaskScoreArgs.
 void unmask_scores(uintptr_t hidden, uintptr_t lm_head, const std::vector<int64_t>& hidden_shape,
                    const std::vector<int64_t>& lm_head_shape,
                    const std::vector<int64_t>& hidden_strides,
                    const std::vector<int64_t>& lm_head_strides, int dtype,
                    std::vector<int64_t> banned, uintptr_t argmax, uintptr_t max_logit,
-                   uintptr_t second_logit, uintptr_t sum_exp, int device) {
+                   uintptr_t second_logit, uintptr_t sum_exp, int device, uintptr_t packed,
+                   int64_t packed_panels, int64_t k_chunk) {
   HK_CHECK(device == -1, "unmask_scores: only the CPU implementation exists (device -1), got ",
            device);
   HK_CHECK(hidden_shape.size() == 2, "hidden_shape: expected [R, d], got ", hidden_shape.size(),
@@ -434,6 +436,14 @@ void unmask_scores(uintptr_t hidden, uintptr_t lm_head, const std::vector<int64_
   a.max_logit = reinterpret_cast<float*>(max_logit);
   a.second_logit = reinterpret_cast<float*>(second_logit);
   a.sum_exp = reinterpret_cast<double*>(sum_exp);
+  if (packed != 0) {
+    HK_CHECK(packed_panels == (a.V + kUnmaskPanel - 1) / kUnmaskPanel, "packed: expected ",
+             (a.V + kUnmaskPanel - 1) / kUnmaskPanel, " panels of ", kUnmaskPanel,
+             " vocabulary rows for V=", a.V, ", got ", packed_panels);
+    HK_CHECK(k_chunk >= 1, "k_chunk: must be >= 1 with a packed lm_head, got ", k_chunk);
+    a.packed = reinterpret_cast<const float*>(packed);
+    a.k_chunk = k_chunk;
+  }
   py::gil_scoped_release release;
   unmask_scores_cpu(a);
 }
@@ -548,10 +558,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hidden_shape"), py::arg("lm_head_shape"), py::arg("hidden_strides"),
         py::arg("lm_head_strides"), py::arg("dtype"), py::arg("banned"), py::arg("argmax"),
         py::arg("max_logit"), py::arg("second_logit"), py::arg("sum_exp"),
-        py::arg("device") = -1,
+        py::arg("device") = -1, py::arg("packed") = 0, py::arg("packed_panels") = 0,
+        py::arg("k_chunk") = 0,
         "Per row of hidden [R, d] @ lm_head[V, d].T without the logits: argmax (first index;\n"
         "first NaN), max and second-largest logit, float64 sum of exp(logit - max); banned\n"
-        "ids score -inf. CPU only; one pass over lm_head.");
+        "ids score -inf. CPU only; one pass over lm_head, or over `packed` (float32\n"
+        "[packed_panels, d, unmask_panel]: lm_head k-major in panels, zero past V) when given,\n"
+        "each logit's products then summed in chunks of k_chunk.");
+  m.attr("unmask_panel") = hk::kUnmaskPanel;
   m.def("rms_norm", &hk::rms_norm, py::arg("x"), py::arg("x_stride"), py::arg("residual"),
         py::arg("residual_stride"), py::arg("weight"), py::arg("out"), py::arg("out_stride"),
         py::arg("rows"), py::arg("dim"), py::arg("eps"),

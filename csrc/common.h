@@ -162,6 +162,7 @@ inline int64_t decode_workspace_floats(int64_t B, int64_t Hq, int64_t D, int num
 // of the first NaN: torch.argmax's rule), max_logit[r], second_logit[r] (the largest logit at
 // any other id; NaN for a NaN row) and sum_exp[r] = sum_v exp(logit - max) (float64 sum; NaN
 // when the max is NaN or +-inf).
+constexpr int64_t kUnmaskPanel = 48;  // vocabulary rows per packed panel: 3 vectors of 16 lanes
 struct UnmaskScoreArgs {
   const void* hidden;
   int64_t hidden_stride[2];
@@ -170,6 +171,12 @@ struct UnmaskScoreArgs {
   int64_t R, V, d;
   int dtype;
   std::vector<int64_t> banned;
+  // Optional: lm_head as float32 packed k-major in panels of kUnmaskPanel vocabulary rows,
+  // packed[(p * d + k) * kUnmaskPanel + c] = lm_head[p * kUnmaskPanel + c, k] (zero past V),
+  // ceil(V / kUnmaskPanel) panels. With it, lm_head is not read and each logit sums its d
+  // products in chunks of k_chunk FMAs (from k = 0), the chunk sums added in k order.
+  const float* packed = nullptr;
+  int64_t k_chunk = 0;
   int64_t* argmax;
   float* max_logit;
   float* second_logit;

@@ -4,6 +4,10 @@
 // multiply-adds, 16 lanes per row, the lanes summed in a fixed order), and each row folds the
 // tile into its running partials: first-index argmax, max and second-largest logit, and the sum
 // of exp(logit - max) in float64 (the partials the Triton kernel merges across programs).
+// With a packed copy of the LM head (UnmaskScoreArgs::packed: float32, k-major in panels of 48
+// vocabulary rows, made once per weight by ops/_unmask_cpu.py) a GEMM microkernel computes the
+// tile instead: vocabulary along the lanes, 8 hidden rows x 48 ids of accumulators, products
+// summed in chunks of k_chunk (a tighter rounding bound than one chain of d FMAs).
 //
 // The rounding differs from torch's matmul + softmax; hybridkernels/ops/_unmask_cpu.py decides,
 // from the margins these partials give, whether the commit is certain to be the reference's.
@@ -233,6 +237,162 @@ void convert_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, 
       dst[r * dst_stride + k] = to_float(src[r * row_stride + k * col_stride]);
 }
 
+// ---- the packed path: vocabulary along the lanes ----------------------------------------------
+// A GEMM microkernel over the k-major packed LM head (UnmaskScoreArgs::packed): for each k, the
+// panel's 48 weights are 3 vectors, each hidden value h[r, k] is broadcast, and RB x 3
+// accumulators of 16 vocabulary entries take one FMA each, so no horizontal reduction is needed.
+
+constexpr int kPanelVecs = kUnmaskPanel / kLanes;
+static_assert(kPanelVecs * kLanes == kUnmaskPanel, "a panel is a whole number of vectors");
+constexpr int kMaxRowBlock = 8;  // 8 x 3 accumulators: 24 of the 32 AVX-512 registers
+
+inline void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// Logits of RB hidden rows against one panel, over k in [0, klen) of this call:
+//   hp: the rows' hidden values k-major (hp[k * RB + r]), wp: the panel's k-major weights
+//   (wp[k * 48 + c]), out[r * out_stride + c] (c < 48): the logits' running sums.
+// Each chunk of `chunk` consecutive k starts a fresh product sum in registers (its first
+// product rounded once, then FMAs), which is then added to out; with `store_first` the first
+// chunk is stored instead (k = 0 of the logit). Prefetches pf_lines cache lines from pf,
+// spread over the k loop.
+template <int RB>
+HK_UNMASK_CLONES void panel_rows(const float* hp, const float* wp, int64_t klen, int64_t chunk,
+                                 bool store_first, float* out, int64_t out_stride, const char* pf,
+                                 int64_t pf_lines) {
+  const int64_t pf_step = (pf_lines + klen - 1) / klen;
+  for (int64_t c0 = 0; c0 < klen; c0 += chunk) {
+    const int64_t c1 = std::min(c0 + chunk, klen);
+    Vec acc[RB][kPanelVecs];
+    {
+      Vec x[kPanelVecs];
+      for (int c = 0; c < kPanelVecs; ++c) load(x[c], wp + c0 * kUnmaskPanel + c * kLanes);
+      for (int r = 0; r < RB; ++r) {
+        const Vec hv = hp[c0 * RB + r] - Vec{};  // a broadcast (x - 0 is x, -0 too)
+        for (int c = 0; c < kPanelVecs; ++c) acc[r][c] = hv * x[c];
+      }
+    }
+    for (int64_t k = c0 + 1; k < c1; ++k) {
+      for (int64_t i = 0; i < pf_step && pf_lines > 0; ++i, --pf_lines, pf += 64)
+        __builtin_prefetch(pf, 0, 2);
+      Vec x[kPanelVecs];
+      for (int c = 0; c < kPanelVecs; ++c) load(x[c], wp + k * kUnmaskPanel + c * kLanes);
+      for (int r = 0; r < RB; ++r) {
+        const Vec hv = hp[k * RB + r] - Vec{};
+        for (int c = 0; c < kPanelVecs; ++c) acc[r][c] += hv * x[c];
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < kPanelVecs; ++c) {
+        float* o = out + r * out_stride + c * kLanes;
+        if (store_first && c0 == 0) {
+          store(o, acc[r][c]);
+        } else {
+          Vec t;
+          load(t, o);
+          t += acc[r][c];
+          store(o, t);
+        }
+      }
+  }
+}
+
+using PanelRowsFn = void (*)(const float*, const float*, int64_t, int64_t, bool, float*, int64_t,
+                             const char*, int64_t);
+constexpr PanelRowsFn kPanelRows[kMaxRowBlock + 1] = {
+    nullptr,        panel_rows<1>, panel_rows<2>, panel_rows<3>, panel_rows<4>,
+    panel_rows<5>, panel_rows<6>, panel_rows<7>, panel_rows<8>};
+
+// The most rows a block takes on this CPU: 8 x 3 accumulators fit AVX-512's 32 registers; with
+// 16 (AVX2) or fewer, 2 rows (6 accumulators of 2 registers each).
+int max_row_block() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const int rows = __builtin_cpu_supports("x86-64-v4") ? kMaxRowBlock : 2;
+  return rows;
+#else
+  return 2;
+#endif
+}
+
+// Masks the banned ids of tile [v0, v0 + n) (logits[r * tile + j]) and folds it into the rows.
+void fold_rows(std::vector<RowState>& rows, float* logits, int64_t tile, int64_t n, int64_t v0,
+               const std::vector<int64_t>& banned, size_t& next_banned) {
+  for (; next_banned < banned.size() && banned[next_banned] < v0 + n; ++next_banned)
+    for (size_t r = 0; r < rows.size(); ++r)
+      logits[r * tile + (banned[next_banned] - v0)] = -std::numeric_limits<float>::infinity();
+  for (size_t r = 0; r < rows.size(); ++r) fold_tile(rows[r], logits + r * tile, n, v0);
+}
+
+void write_rows(const UnmaskScoreArgs& a, const std::vector<RowState>& rows) {
+  for (int64_t r = 0; r < a.R; ++r) {
+    const RowState& st = rows[r];
+    a.argmax[r] = st.arg;
+    a.max_logit[r] = st.max;
+    a.second_logit[r] = std::isnan(st.max) ? st.max : st.second;
+    a.sum_exp[r] = std::isfinite(st.max) ? st.sum : std::numeric_limits<double>::quiet_NaN();
+  }
+}
+
+template <typename T>
+void unmask_scores_packed(const UnmaskScoreArgs& a) {
+  const int64_t R = a.R, V = a.V, d = a.d, chunk = a.k_chunk;
+  // Row blocks of at most max_row_block() rows, as even as possible (17 rows: 6 + 6 + 5).
+  const int64_t nblocks = (R + max_row_block() - 1) / max_row_block();
+  std::vector<int64_t> block_start(nblocks + 1);
+  for (int64_t b = 0; b <= nblocks; ++b) block_start[b] = R * b / nblocks;
+  // The hidden rows as float32, each block k-major: hp[block_start[b] * d + k * rb + r].
+  std::vector<float> hp(R * d);
+  const T* hidden = static_cast<const T*>(a.hidden);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t r0 = block_start[b], rb = block_start[b + 1] - r0;
+    for (int64_t r = 0; r < rb; ++r)
+      for (int64_t k = 0; k < d; ++k)
+        hp[r0 * d + k * rb + r] =
+            to_float(hidden[(r0 + r) * a.hidden_stride[0] + k * a.hidden_stride[1]]);
+  }
+  // Tiles of up to 10 panels (480 logits: fold_tile's <= 512); for wide rows, k blocks
+  // (multiples of the chunk) that keep a tile's slice of the LM head ~512 KB, L2-resident
+  // while every row block reads it.
+  const int64_t panels = (V + kUnmaskPanel - 1) / kUnmaskPanel;
+  const int64_t tile_panels = std::min<int64_t>(10, panels);
+  const int64_t tile = tile_panels * kUnmaskPanel;
+  const int64_t kb_target = std::max<int64_t>(1, (512 << 10) / (tile * int64_t(sizeof(float))));
+  const int64_t kblock = std::min(d, std::max<int64_t>(1, kb_target / chunk) * chunk);
+  std::vector<float> logits(R * tile);
+  std::vector<RowState> rows(R);
+  size_t next_banned = 0;
+
+  for (int64_t p0 = 0; p0 < panels; p0 += tile_panels) {
+    const int64_t np = std::min(tile_panels, panels - p0);
+    const int64_t v0 = p0 * kUnmaskPanel, n = std::min(np * kUnmaskPanel, V - v0);
+    const float* w = a.packed + p0 * d * kUnmaskPanel;
+    // The next tile is contiguous: a slice of it per microkernel call.
+    const int64_t next_np = std::min(tile_panels, panels - p0 - np);
+    const int64_t lines = (next_np * d * kUnmaskPanel * int64_t(sizeof(float)) + 63) / 64;
+    const char* pf = lines ? reinterpret_cast<const char*>(w + np * d * kUnmaskPanel) : nullptr;
+    const int64_t calls = ((d + kblock - 1) / kblock) * nblocks * np;
+    const int64_t slice = (lines + calls - 1) / calls;
+    int64_t done = 0;
+    for (int64_t k0 = 0; k0 < d; k0 += kblock) {
+      const int64_t klen = std::min(kblock, d - k0);
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t r0 = block_start[b], rb = block_start[b + 1] - r0;
+        const float* hb = hp.data() + r0 * d + k0 * rb;
+        for (int64_t p = 0; p < np; ++p) {
+          const int64_t mine = std::max<int64_t>(0, std::min(slice, lines - done));
+          kPanelRows[rb](hb, w + (p * d + k0) * kUnmaskPanel, klen, chunk, k0 == 0,
+                         logits.data() + r0 * tile + p * kUnmaskPanel, tile,
+                         pf ? pf + done * 64 : nullptr, mine);
+          done += mine;
+        }
+      }
+    }
+    fold_rows(rows, logits.data(), tile, n, v0, a.banned, next_banned);
+  }
+  write_rows(a, rows);
+}
+
+// ---- the row-major path --------------------------------------------------------------------
+
 template <typename T>
 void unmask_scores_impl(const UnmaskScoreArgs& a) {
   const int64_t R = a.R, V = a.V, d = a.d;
@@ -287,28 +447,21 @@ void unmask_scores_impl(const UnmaskScoreArgs& a) {
       }
       r0 += rb;
     }
-    for (; next_banned < a.banned.size() && a.banned[next_banned] < v0 + n; ++next_banned)
-      for (int64_t r = 0; r < R; ++r)
-        logits[r * tile + (a.banned[next_banned] - v0)] = -std::numeric_limits<float>::infinity();
-    for (int64_t r = 0; r < R; ++r) fold_tile(rows[r], logits.data() + r * tile, n, v0);
+    fold_rows(rows, logits.data(), tile, n, v0, a.banned, next_banned);
   }
-
-  for (int64_t r = 0; r < R; ++r) {
-    const RowState& st = rows[r];
-    a.argmax[r] = st.arg;
-    a.max_logit[r] = st.max;
-    a.second_logit[r] = std::isnan(st.max) ? st.max : st.second;
-    a.sum_exp[r] = std::isfinite(st.max) ? st.sum : std::numeric_limits<double>::quiet_NaN();
-  }
+  write_rows(a, rows);
 }
 
 }  // namespace
 
 void unmask_scores_cpu(const UnmaskScoreArgs& a) {
+  const bool packed = a.packed != nullptr;
   switch (a.dtype) {
-    case kFloat32: unmask_scores_impl<float>(a); break;
-    case kFloat16: unmask_scores_impl<Half>(a); break;
-    case kBFloat16: unmask_scores_impl<BFloat16>(a); break;
+    case kFloat32: packed ? unmask_scores_packed<float>(a) : unmask_scores_impl<float>(a); break;
+    case kFloat16: packed ? unmask_scores_packed<Half>(a) : unmask_scores_impl<Half>(a); break;
+    case kBFloat16:
+      packed ? unmask_scores_packed<BFloat16>(a) : unmask_scores_impl<BFloat16>(a);
+      break;
     default: fail("unmask_scores: unsupported dtype code ", a.dtype);
   }
 }
