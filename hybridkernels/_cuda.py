@@ -409,7 +409,11 @@ class StaticDecodeKernels:
 
 
 def unmask_scores(
-    hidden: torch.Tensor, lm_head: torch.Tensor, banned_token_ids=()
+    hidden: torch.Tensor,
+    lm_head: torch.Tensor,
+    banned_token_ids=(),
+    packed: torch.Tensor | None = None,
+    k_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_C.unmask_scores``: per row of ``logits = hidden @ lm_head.T`` without the logits.
 
@@ -421,6 +425,12 @@ def unmask_scores(
     exp(logit_v - max)`` (NaN when the maximum is NaN or infinite). The products are float32
     FMAs in another order than torch's matmul: each logit within ``d * 2^-24 * ||h|| ||w_v||``
     of the exact value. One pass over ``lm_head``, on the calling thread (the GIL is released).
+
+    ``packed``: optionally ``lm_head`` as a contiguous float32 ``[ceil(V / P), d, P]`` tensor, ``P =
+    _C.unmask_panel`` (``packed[p, k, c] = lm_head[p * P + c, k]``, zero past ``V``; see
+    ``ops._unmask_cpu.packed_lm_head``), read instead of ``lm_head``; each logit then sums its
+    products in chunks of ``k_chunk`` consecutive ``k`` (FMAs from 0), the chunk sums in ``k``
+    order: within ``(k_chunk + ceil(d / k_chunk) - 1) * 2^-24 * sum_k |h_k w_vk|``.
     """
     for name, t in (("hidden", hidden), ("lm_head", lm_head)):
         if t.device.type != "cpu":
@@ -431,6 +441,20 @@ def unmask_scores(
             raise TypeError(f"unmask_scores: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     if hidden.dtype != lm_head.dtype:
         raise TypeError(f"unmask_scores: hidden is {hidden.dtype} but lm_head is {lm_head.dtype}")
+    packed_args = ()
+    if packed is not None:
+        panel = _C.unmask_panel
+        V, d = lm_head.shape
+        want = (-(-V // panel), d, panel)
+        if packed.device.type != "cpu" or packed.dtype != torch.float32 or not packed.is_contiguous():
+            raise TypeError(
+                f"unmask_scores: packed must be a contiguous float32 CPU tensor, got {packed.dtype}"
+            )
+        if tuple(packed.shape) != want:
+            raise ValueError(f"unmask_scores: packed must have shape {want}, got {tuple(packed.shape)}")
+        if not isinstance(k_chunk, int) or k_chunk < 1:
+            raise ValueError(f"unmask_scores: k_chunk must be an int >= 1 with packed, got {k_chunk!r}")
+        packed_args = (-1, packed.data_ptr(), want[0], k_chunk)
     R = hidden.shape[0]
     argmax = torch.empty(R, dtype=torch.int64)
     top, second = torch.empty(R), torch.empty(R)
@@ -439,7 +463,7 @@ def unmask_scores(
         hidden.data_ptr(), lm_head.data_ptr(), list(hidden.shape), list(lm_head.shape),
         list(hidden.stride()), list(lm_head.stride()), DTYPE_CODES[hidden.dtype],
         [int(t) for t in banned_token_ids], argmax.data_ptr(), top.data_ptr(), second.data_ptr(),
-        sum_exp.data_ptr(),
+        sum_exp.data_ptr(), *packed_args,
     )  # fmt: skip
     return argmax, top, second, sum_exp
 
