@@ -460,16 +460,21 @@ void check_stride(const char* name, int64_t stride, int64_t min) {
 
 void rms_norm(uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t residual_stride,
               uintptr_t weight, uintptr_t out, int64_t out_stride, int64_t rows, int64_t dim,
-              double eps) {
+              double eps, int64_t groups, int64_t group_stride, int64_t out_group_stride) {
   check_rows("rms_norm", rows, dim);
   HK_CHECK(x != 0 && weight != 0 && out != 0, "rms_norm: null data pointer");
-  check_stride("rms_norm x", x_stride, dim);
-  check_stride("rms_norm out", out_stride, dim);
+  HK_CHECK(groups >= 1, "rms_norm: groups must be >= 1, got ", groups);
+  HK_CHECK(groups == 1 || residual == 0, "rms_norm: a residual needs groups == 1");
+  HK_CHECK(groups == 1 || (group_stride >= dim && out_group_stride >= dim),
+           "rms_norm: group strides must be >= dim");
+  check_stride("rms_norm x", x_stride, (groups - 1) * group_stride + dim);
+  check_stride("rms_norm out", out_stride, (groups - 1) * out_group_stride + dim);
   if (residual != 0) check_stride("rms_norm residual", residual_stride, dim);
   HK_CHECK(eps >= 0, "rms_norm: eps must be >= 0, got ", eps);
   rms_norm_cpu({reinterpret_cast<float*>(x), x_stride, reinterpret_cast<const float*>(residual),
                 residual_stride, reinterpret_cast<const float*>(weight),
-                reinterpret_cast<float*>(out), out_stride, rows, dim, static_cast<float>(eps)});
+                reinterpret_cast<float*>(out), out_stride, rows, dim, static_cast<float>(eps),
+                groups, group_stride, out_group_stride});
 }
 
 void rotary(uintptr_t x, int64_t rows, int64_t heads, int64_t head_dim, int64_t row_stride,
@@ -568,9 +573,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("unmask_panel") = hk::kUnmaskPanel;
   m.def("rms_norm", &hk::rms_norm, py::arg("x"), py::arg("x_stride"), py::arg("residual"),
         py::arg("residual_stride"), py::arg("weight"), py::arg("out"), py::arg("out_stride"),
-        py::arg("rows"), py::arg("dim"), py::arg("eps"),
+        py::arg("rows"), py::arg("dim"), py::arg("eps"), py::arg("groups") = 1,
+        py::arg("group_stride") = 0, py::arg("out_group_stride") = 0,
         "float32 CPU: x[r] += residual[r] (when residual != 0), then\n"
-        "out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps) over rows of dim floats.");
+        "out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps) over rows of dim floats; with\n"
+        "groups > 1 each row's groups vectors (at group_stride) are normalised apart.");
   m.def("rotary", &hk::rotary, py::arg("x"), py::arg("rows"), py::arg("heads"),
         py::arg("head_dim"), py::arg("row_stride"), py::arg("head_stride"), py::arg("positions"),
         py::arg("cos"), py::arg("sin"), py::arg("table_rows"), py::arg("table_stride"),

@@ -185,7 +185,9 @@ struct UnmaskScoreArgs {
 
 // The elementwise parts of a decoder layer (decoder_cpu.cpp), float32 host memory, strides in
 // elements. rms_norm: with `residual`, first x[r] += residual[r] in place (the residual stream),
-// then out[r] = weight * (x[r] / sqrt(mean(x[r]^2) + eps)); `out` may be `x`.
+// then out[r] = weight * (x[r] / sqrt(mean(x[r]^2) + eps)); `out` may be `x`. With groups > 1
+// each row holds `groups` vectors of `dim` at `group_stride` (x) / `out_group_stride` (out),
+// each normalised on its own (Qwen3's per-head q/k norms); no residual then.
 struct RmsNormArgs {
   float* x;
   int64_t x_stride;
@@ -196,6 +198,7 @@ struct RmsNormArgs {
   int64_t out_stride;
   int64_t rows, dim;
   float eps;
+  int64_t groups, group_stride, out_group_stride;
 };
 // In place, rotate-half RoPE of `heads` heads of `head_dim` per row: x * cos + roll(x, D/2) *
 // sin with the tables' row positions[r] (cos = cat(c, c), sin = cat(-s, s), [P, D] rows of

@@ -26,26 +26,30 @@ namespace hk {
 namespace {
 constexpr int kAcc = 16;  // independent partial sums: vectorisable, and a fixed order
 
+// One vector of `dim` floats: out = weight * (x / sqrt(mean(x^2) + eps)).
+inline void rms_norm_vector(const float* x, const float* weight, float* out, int64_t dim, float eps) {
+  float acc[kAcc] = {};
+  int64_t i = 0;
+  for (; i + kAcc <= dim; i += kAcc)
+    for (int j = 0; j < kAcc; ++j) acc[j] += x[i + j] * x[i + j];
+  for (; i < dim; ++i) acc[i % kAcc] += x[i] * x[i];
+  float sum = 0.0f;
+  for (int j = 0; j < kAcc; ++j) sum += acc[j];
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  for (int64_t k = 0; k < dim; ++k) out[k] = weight[k] * (x[k] * inv);
+}
+
 HK_DECODER_CLONES
-void rms_norm_rows(float* x, int64_t x_stride, const float* residual, int64_t residual_stride,
-                   const float* weight, float* out, int64_t out_stride, int64_t rows,
-                   int64_t dim, float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* xr = x + r * x_stride;
-    if (residual != nullptr) {
-      const float* a = residual + r * residual_stride;
-      for (int64_t i = 0; i < dim; ++i) xr[i] = xr[i] + a[i];
+void rms_norm_rows(const RmsNormArgs& a) {
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* xr = a.x + r * a.x_stride;
+    if (a.residual != nullptr) {
+      const float* add = a.residual + r * a.residual_stride;
+      for (int64_t i = 0; i < a.dim; ++i) xr[i] = xr[i] + add[i];
     }
-    float acc[kAcc] = {};
-    int64_t i = 0;
-    for (; i + kAcc <= dim; i += kAcc)
-      for (int j = 0; j < kAcc; ++j) acc[j] += xr[i + j] * xr[i + j];
-    for (; i < dim; ++i) acc[i % kAcc] += xr[i] * xr[i];
-    float sum = 0.0f;
-    for (int j = 0; j < kAcc; ++j) sum += acc[j];
-    const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
-    float* o = out + r * out_stride;
-    for (int64_t k = 0; k < dim; ++k) o[k] = weight[k] * (xr[k] * inv);
+    for (int64_t g = 0; g < a.groups; ++g)
+      rms_norm_vector(xr + g * a.group_stride, a.weight,
+                      a.out + r * a.out_stride + g * a.out_group_stride, a.dim, a.eps);
   }
 }
 
@@ -124,10 +128,7 @@ void silu_mul_rows(const float* gate, const float* up, int64_t in_stride, float*
 }
 }  // namespace
 
-void rms_norm_cpu(const RmsNormArgs& a) {
-  rms_norm_rows(a.x, a.x_stride, a.residual, a.residual_stride, a.weight, a.out, a.out_stride,
-                a.rows, a.dim, a.eps);
-}
+void rms_norm_cpu(const RmsNormArgs& a) { rms_norm_rows(a); }
 
 void rotary_cpu(const RotaryArgs& a) {
   rotary_rows(a.x, a.rows, a.heads, a.head_dim, a.row_stride, a.head_stride, a.positions, a.cos,

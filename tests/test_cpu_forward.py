@@ -52,6 +52,24 @@ def test_rotary_is_bitwise_apply_rotary_at_each_rows_position(D, heads):
     assert torch.equal(_cuda.rotary_(x, positions, cos, sin), want)
 
 
+def test_grouped_rms_norm_normalises_each_head_of_a_row_in_place():
+    """Qwen3's q/k norms: the heads of a fused q/k/v row, each over its head dim."""
+    g = torch.Generator().manual_seed(3)
+    rows, heads, D, stride = 5, 3, 64, 7 * 64
+    qkv, weight = torch.randn(rows, stride, generator=g), torch.randn(D, generator=g)
+    want = qkv.clone()
+    part = want[:, D : D + heads * D].view(rows, heads, D)
+    part.copy_(_norm(D, weight, 1e-6)(part))
+    ptr = qkv.data_ptr() + 4 * D
+    _cuda._C.rms_norm(ptr, stride, 0, 0, weight.data_ptr(), ptr, stride, rows, D, 1e-6, heads, D, D)
+    torch.testing.assert_close(qkv, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, :D], want[:, :D]) and torch.equal(qkv[:, 4 * D :], want[:, 4 * D :])
+    with pytest.raises(ValueError, match="a residual needs groups == 1"):
+        _cuda._C.rms_norm(ptr, stride, ptr, stride, weight.data_ptr(), ptr, stride, rows, D, 1e-6, 2, D, D)
+    with pytest.raises(ValueError, match="row stride"):
+        _cuda._C.rms_norm(ptr, 64, 0, 0, weight.data_ptr(), ptr, 64, rows, D, 1e-6, 2, D, D)
+
+
 def test_silu_mul_matches_torch_on_the_halves_of_a_fused_product():
     gu = 4 * torch.randn(6, 2 * 129, generator=torch.Generator().manual_seed(0))
     want = F.silu(gu[:, :129]) * gu[:, 129:]
@@ -127,6 +145,7 @@ CASES = {
     "llama-gqa": dict(),
     "qwen2-biases-tied": dict(qkv_bias=True, family="qwen2", tie_word_embeddings=True),
     "all-biases-mha": dict(qkv_bias=True, o_bias=True, mlp_bias=True, num_kv_heads=4),
+    "qwen3-qk-norms": dict(qk_norm=True, family="qwen3"),
     "llama3-rope-head128": dict(
         head_dim=128,
         num_heads=2,
@@ -186,7 +205,6 @@ def test_positions_up_to_the_last_table_row(monkeypatch):
 def test_unsupported_models_and_settings_run_the_generic_step():
     model = _model()
     assert cpu_forward.unsupported_reason(model) is None
-    assert "q/k norms" in cpu_forward.unsupported_reason(_model(qk_norm=True, family="qwen3"))
     assert "float32 CPU" in cpu_forward.unsupported_reason(_model().to(torch.float64))
     handle = model.layers[1].mlp.register_forward_hook(lambda m, i, o: None)
     assert "forward hook" in cpu_forward.unsupported_reason(model)

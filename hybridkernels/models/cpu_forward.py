@@ -3,11 +3,11 @@ layer: the executor's decode step and the planner's cached steps.
 
 On the CPU nothing replays a CUDA graph, and a small model's cached step is dominated by
 dispatch: about 250 torch ops (RMSNorm alone is 6, each ~5 us for 256 floats) around 17 matmuls.
-:class:`CPUForward` keeps the matmuls in torch (``mm`` / ``addmm`` into static buffers: the
-products of ``F.linear``, bitwise) and the attention in the hook (``attend(layer, q, k, v)``, as
+:class:`CPUForward` keeps the matmuls in torch (into static buffers, bitwise ``F.linear``'s
+products: see :class:`_Linear`) and the attention in the hook (``attend(layer, q, k, v)``, as
 :meth:`Transformer.forward` calls it), and does everything else in ``_C`` on pointers converted
-once: RMSNorm fused with the residual add, RoPE on q and k from position-indexed tables, SiLU *
-up. Per layer: 4 matmuls, 4 ``_C`` calls and the hook.
+once: RMSNorm fused with the residual add (and Qwen3's per-head q/k norms), RoPE on q and k from
+position-indexed tables, SiLU * up. Per layer: 4 matmuls, 4 ``_C`` calls and the hook.
 
 RoPE, the residual adds, the embedding and the products are bitwise the generic forward's;
 RMSNorm and SiLU round a few ulp differently (another summation order, another ``exp``), so hidden
@@ -33,8 +33,6 @@ def unsupported_reason(model: Transformer) -> str | None:
     if not _cuda.available():
         return "hybridkernels._C is not built"
     cfg = model.config
-    if cfg.qk_norm:
-        return "q/k norms (Qwen3) are not in the step"
     if cfg.head_dim % 2:
         return "odd head_dim"
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
@@ -48,7 +46,9 @@ def unsupported_reason(model: Transformer) -> str | None:
     for block in model.layers:
         if type(block) is not Block or type(block.mlp) is not MLP or type(block.self_attn) is not Attention:
             return "a layer is not the stock Block / Attention / MLP"
-        norms = (block.input_layernorm, block.post_attention_layernorm)
+        norms = [block.input_layernorm, block.post_attention_layernorm]
+        if cfg.qk_norm:
+            norms += [block.self_attn.q_norm, block.self_attn.k_norm]
         if any(type(n) is not RMSNorm for n in norms):
             return "a norm is not the stock RMSNorm"
         if block.self_attn._qkv_fused() is None or block.mlp._gate_up_fused() is None:
@@ -68,6 +68,7 @@ def _weights(model: Transformer) -> tuple[torch.Tensor | None, ...]:
         out += [
             block.input_layernorm.weight,
             *(attn._qkv or (None, None)),
+            *((attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else ()),
             attn.o_proj.weight,
             attn.o_proj.bias,
         ]
@@ -122,8 +123,13 @@ class CPUForward:
             norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
             (qkv_w, qkv_b), (gate_up_w, gate_up_b) = attn._qkv_fused(), mlp._gate_up_fused()
             o, down = attn.o_proj, mlp.down_proj
+            # Qwen3's q/k norms: each head of a qkv row normalised in place, before RoPE
+            qk = None if attn.q_norm is None else (
+                (self.qkv_ptr, ptr(attn.q_norm.weight), attn.q_norm.eps, Hq),
+                (self.qkv_ptr + 4 * Hq * D, ptr(attn.k_norm.weight), attn.k_norm.eps, Hkv),
+            )  # fmt: skip
             self.layers.append((
-                (ptr(norm1.weight), norm1.eps), _Linear(qkv_w, qkv_b, rows, pack),
+                (ptr(norm1.weight), norm1.eps), _Linear(qkv_w, qkv_b, rows, pack), qk,
                 _Linear(o.weight, o.bias, rows, pack), (ptr(norm2.weight), norm2.eps),
                 _Linear(gate_up_w, gate_up_b, rows, pack), _Linear(down.weight, down.bias, rows, pack),
             ))  # fmt: skip
@@ -143,9 +149,12 @@ class CPUForward:
         torch.index_select(self.weights[0], 0, ids.reshape(-1), out=self.h)
         pos = positions.data_ptr()
         residual = 0  # what the next norm adds to the stream first: the previous layer's MLP output
-        for layer, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
+        stride, D = self.qkv.stride(0), self.rope_heads[1]
+        for layer, (norm1, qkv, qk, o, norm2, gate_up, down) in enumerate(self.layers):
             C.rms_norm(self.h_ptr, d, residual, d, norm1[0], self.x_ptr, d, rows, d, norm1[1])
             qkv(self.x, self.qkv)
+            for heads_ptr, weight, eps, heads in qk or ():
+                C.rms_norm(heads_ptr, stride, 0, 0, weight, heads_ptr, stride, rows, D, eps, heads, D, D)
             C.rotary(self.qkv_ptr, rows, *self.rope_heads, pos, *self.rope_tables)
             out = hook.attend(layer, self.q, self.k, self.v)
             o(out.reshape(rows, -1), self.branch)
