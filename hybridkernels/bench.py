@@ -57,7 +57,7 @@ def _tiny(causal: bool) -> TransformerConfig:
 
 PRESETS = {
     "tiny": Preset(
-        "tiny", "4-layer width-256 planner and executor, vocabulary 8192 (CPU default; about a minute)",
+        "tiny", "4-layer width-256 random-weight planner and executor, vocabulary 8192 (CPU: ~5 minutes)",
         _tiny(False), _tiny(True), torch.float32, prompt_len=64, gen_lengths=(64,), batches=(1, 4),
         block_length=16, tokens_per_step=(1, 2), answer_tokens=16, init_std=0.1,
     ),
