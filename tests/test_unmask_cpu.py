@@ -5,6 +5,8 @@ The partials are compared with float64 logits (``hidden.double() @ lm_head.doubl
 torch's argmax rules; the op's commits and tokens with ``reference.unmask_step`` exactly (the
 backend falls back to the reference when its margins cannot prove equality: ties, NaN)."""
 
+import math
+
 import pytest
 import torch
 
@@ -195,7 +197,7 @@ def test_vocabulary_split_over_threads_merges_like_one_pass(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        am, top, second, s, finite = _unmask_cpu.scores(h, w, banned)
+        am, top, second, s, finite, _ = _unmask_cpu.scores(h, w, banned)
     finally:
         torch.set_num_threads(threads)
     assert finite.all()
@@ -232,3 +234,176 @@ def test_backend_choice():
             temperature=0.5,
             backend="cuda",
         )
+
+
+# ---------------------------------------------------------------- the packed LM head (issue 19)
+def packed_now(w):
+    """``packed_lm_head(w)``, made now (it packs on a tensor version's second sighting)."""
+    _unmask_cpu.packed_lm_head(w)
+    packed = _unmask_cpu.packed_lm_head(w)
+    assert packed is not None
+    return packed
+
+
+def packed_scores(h, w, banned=()):
+    return _cuda.unmask_scores(h, w, banned, packed_now(w), _unmask_cpu.k_chunk(w.shape[1]))
+
+
+def product_bound(h, w, terms):
+    """``1.01 terms u sum_k |h_k w_vk|`` per row and id, float64 ``[R, V]``."""
+    return 1.01 * terms * 2.0**-24 * (h.double().abs() @ w.double().abs().T) + 1e-30
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+@pytest.mark.parametrize(
+    ("R", "V", "d"),
+    [(1, 1, 1), (2, 47, 3), (5, 49, 16), (8, 481, 17), (9, 1001, 64), (17, 4099, 33), (64, 530, 256),
+     (70, 97, 100), (33, 960, 31)],
+)  # fmt: skip
+def test_packed_partials_within_their_rounding_bound(R, V, d, dtype):
+    g = torch.Generator().manual_seed(R * 7919 + V + d)
+    h = torch.randn(R, d, generator=g).to(dtype)
+    w = (torch.randn(V, d, generator=g) * 0.3).to(dtype)
+    # Banned ids at the edges of panels (48 ids) and tiles (480).
+    banned = sorted({t for t in (0, 47, 48, 479, 480, 481, V - 1) if t < V - 1})
+    am, top, second, s = packed_scores(h, w, banned)
+    logits = exact_logits(h, w, banned)
+    bound = product_bound(h, w, _unmask_cpu.rounding_terms(d, packed=True))
+    bound[:, banned] = 0
+    ref = logits.topk(min(2, V), dim=1)
+    # Every logit within its bound: the top within the largest bound, the top-2 too.
+    worst = bound.max(dim=1).values
+    assert ((top.double() - ref.values[:, 0]).abs() <= worst).all()
+    if V - len(banned) >= 2:
+        assert ((second.double() - ref.values[:, 1]).abs() <= worst).all()
+    clear = ref.values[:, 0] - (ref.values[:, 1] if V > 1 else -math.inf) > 2 * worst
+    assert torch.equal(am[clear], ref.indices[clear, 0])
+    ref_sum = torch.exp(logits - ref.values[:, :1]).sum(dim=1)
+    torch.testing.assert_close(s, ref_sum, rtol=1e-5 + 2 * float(worst.max()), atol=0)
+    # The row-major path agrees wherever the margins decide.
+    am_rows = _cuda.unmask_scores(h, w, banned)[0]
+    assert torch.equal(am_rows[clear], am[clear])
+
+
+def test_packed_rounding_bound_is_never_looser_than_the_row_major_one():
+    assert _unmask_cpu.rounding_terms(256, packed=True) == 31
+    assert _unmask_cpu.rounding_terms(4096, packed=True) == 127
+    for d in range(1, 20000):
+        assert _unmask_cpu.rounding_terms(d, packed=True) <= d // 16 + 21, d
+
+
+def test_packed_ties_across_panels_and_tiles_go_to_the_first_index():
+    g = torch.Generator().manual_seed(12)
+    R, V, d = 11, 1500, 40
+    h = torch.randn(R, d, generator=g)
+    w = torch.randn(V, d, generator=g) * 0.05
+    w[[47, 48, 530, 1499]] = h[0] * 10  # ids in two panels of one tile, another tile, the last
+    w[[960, 959]] = h[1] * 10  # across the tile edge, the later id first
+    am, top, second, _ = packed_scores(h, w)
+    assert int(am[0]) == 47 and float(top[0]) == float(second[0])
+    assert int(am[1]) == 959 and float(top[1]) == float(second[1])
+    # Banned: the tie moves to the next unbanned copy.
+    am, *_ = packed_scores(h, w, [47, 48])
+    assert int(am[0]) == 530
+
+
+def test_packed_non_finite_hidden_follows_torch_argmax():
+    g = torch.Generator().manual_seed(13)
+    R, V, d = 4, 533, 17
+    h = torch.randn(R, d, generator=g)
+    w = torch.randn(V, d, generator=g)
+    w[100, 3] = 0.0
+    h[0, 2] = float("nan")
+    h[1, 3] = float("inf")  # +-inf logits, NaN at id 100 (inf * 0)
+    h[2, 5] = float("-inf")
+    banned = [0, 1, 48]
+    am, top, second, s = packed_scores(h, w, banned)
+    logits = h @ w.T
+    logits[:, banned] = float("-inf")
+    assert torch.equal(am, logits.argmax(dim=1))
+    assert int(am[0]) == 2 and torch.isnan(top[0]) and torch.isnan(s[0]) and torch.isnan(second[0])
+    assert torch.isnan(s[1]) and torch.isnan(s[2]) and torch.isfinite(s[3])
+
+
+def test_packed_copy_is_cached_per_version_and_never_stale():
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(6, 24, generator=g)
+    w = torch.randn(100, 24, generator=g)
+    assert _unmask_cpu.packed_lm_head(w) is None  # first sighting: scored row-major
+    first = _unmask_cpu.packed_lm_head(w)
+    assert first is not None and _unmask_cpu.packed_lm_head(w) is first
+    assert torch.equal(first.transpose(1, 2).reshape(-1, 24)[:100], w)
+    assert not first.transpose(1, 2).reshape(-1, 24)[100:].any()  # zero past V
+    before = _unmask_cpu.scores(h, w, ())
+    w[int(before[0][0])] *= -1  # in place: the cached copy is stale
+    after = _unmask_cpu.scores(h, w, ())
+    assert after[5] == _unmask_cpu.rounding_terms(24, packed=False)  # the new version: row-major
+    logits = exact_logits(h, w)
+    torch.testing.assert_close(after[1].double(), logits.max(dim=1).values, rtol=1e-5, atol=1e-5)
+    again = _unmask_cpu.scores(h, w, ())  # packed anew
+    assert again[5] == _unmask_cpu.rounding_terms(24, packed=True)
+    assert torch.equal(again[0], after[0])
+    assert _unmask_cpu.packed_lm_head(w) is not first
+
+
+def test_packed_copies_respect_the_memory_limit(monkeypatch):
+    w = torch.randn(500, 16)
+    monkeypatch.setattr(_unmask_cpu, "_PACK_LIMIT_BYTES", 500 * 16 * 4)  # 528 ids padded: too big
+    assert _unmask_cpu.packed_lm_head(w) is None and _unmask_cpu.packed_lm_head(w) is None
+    monkeypatch.setattr(_unmask_cpu, "_PACK_LIMIT_BYTES", 528 * 16 * 4)
+    assert _unmask_cpu.packed_lm_head(w) is not None
+    other = torch.randn(48, 16)
+    _unmask_cpu.packed_lm_head(other)
+    assert _unmask_cpu.packed_lm_head(other) is None  # the limit is for all copies together
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_packed_vocabulary_split_over_threads_matches_one_pass(monkeypatch, dtype):
+    g = torch.Generator().manual_seed(15)
+    h = torch.randn(9, 33, generator=g).to(dtype)
+    w = torch.randn(1001, 33, generator=g).to(dtype)
+    banned = [0, 47, 48, 400, 1000]
+    one = packed_scores(h, w, banned)
+    monkeypatch.setattr(_unmask_cpu, "_MIN_SPLIT_WORK", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        am, top, second, s, finite, terms = _unmask_cpu.scores(h, w, banned)
+    finally:
+        torch.set_num_threads(threads)
+    assert finite.all() and terms == _unmask_cpu.rounding_terms(33, packed=True)
+    # Each logit is summed alike in every range: bitwise the same partials.
+    assert torch.equal(am, one[0]) and torch.equal(top, one[1]) and torch.equal(second, one[2])
+    torch.testing.assert_close(s, one[3], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rule", ("num_transfer", "threshold"))
+def test_op_on_the_packed_lm_head_commits_what_the_reference_commits(rule):
+    g = torch.Generator().manual_seed(16)
+    for trial in range(8):
+        B, Lr = 1 + trial % 3, (1, 9, 23, 70)[trial % 4]
+        d, V = (3, 17, 64, 100)[trial % 4], (50, 481, 999, 2051)[trial % 4]
+        x, hidden, lm_head = random_case(g, B, Lr, d, V, torch.float32)
+        packed_now(lm_head)
+        masked = (x[:, 2 : 2 + Lr] == V - 1).sum(dim=1)
+        if rule == "num_transfer":
+            extra = {"num_transfer": torch.minimum(masked, torch.full((B,), 1 + trial % 3))}
+        else:
+            extra = {"threshold": (0.0, 0.05, 0.5, 2.0)[trial % 4]}
+        run_both(
+            x, mask_id=V - 1, hidden=hidden, lm_head=lm_head, start=2,
+            banned_token_ids=[0, 47, 48], deferred_token_ids=[1], **extra,
+        )  # fmt: skip
+
+
+def test_packed_bad_inputs():
+    h, w = torch.randn(2, 8), torch.randn(50, 8)
+    good = packed_now(w)
+    with pytest.raises(ValueError, match="packed must have shape"):
+        _cuda.unmask_scores(h, w, (), good[:1], 3)
+    with pytest.raises(TypeError, match="contiguous float32"):
+        _cuda.unmask_scores(h, w, (), good.double(), 3)
+    with pytest.raises(TypeError, match="contiguous float32"):
+        _cuda.unmask_scores(h, w, (), good.transpose(1, 2).contiguous().transpose(1, 2), 3)
+    with pytest.raises(ValueError, match="k_chunk"):
+        _cuda.unmask_scores(h, w, (), good, 0)

@@ -7,8 +7,10 @@ products round in another order than torch's matmul, so this module commits only
 margins *prove* the reference would commit the same rows with the same tokens:
 
 * a logit of any float32 matmul lies within ``d 2^-24 ||h|| max_v ||w_v||`` of the exact
-  product, ours within ``(d / 16 + 21) 2^-24 ||h|| max_v ||w_v||``, so the argmax is the
-  reference's when the top-1 / top-2 gap exceeds twice the sum of both;
+  product, ours within ``n 2^-24 ||h|| max_v ||w_v||`` (:func:`rounding_terms`: ``n = c +
+  ceil(d / c) - 1`` on the packed LM head, ``c = ceil(sqrt(d))``, 31 at ``d = 256``; ``d / 16 +
+  26`` row-major), so the argmax is the reference's when the top-1 / top-2 gap exceeds twice the
+  sum of both;
 * the confidence ``1 / sum_exp`` then differs from the reference's ``softmax`` by at most
   ``tol`` (relative): the logit errors, our exp, and torch's float32 sum of ``V`` exponentials
   (bounded by ``V / 8`` roundings);
@@ -41,6 +43,11 @@ _MIN_SPLIT_WORK = 1 << 22
 # id(lm_head) -> (weak reference, in-place version, norm); tensors compare elementwise, so no
 # WeakKeyDictionary.
 _NORMS: dict[int, tuple[weakref.ref, int, float]] = {}
+# id(lm_head) -> (weak reference, in-place version, packed copy or None while seen once).
+_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+# The packed copies (float32, one per LM head) may hold this many bytes in all; LM heads beyond
+# it are scored row-major. HYBRIDKERNELS_UNMASK_PACK_MB overrides it (0: never pack).
+_PACK_LIMIT_BYTES = int(float(os.environ.get("HYBRIDKERNELS_UNMASK_PACK_MB", "1024")) * 2**20)
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -75,6 +82,60 @@ def lm_head_max_norm(lm_head: torch.Tensor) -> float:
     return norm
 
 
+def k_chunk(d: int) -> int:
+    """The chunk length of the packed path's product sums: ``ceil(sqrt(d))``, which minimises
+    the rounding count of :func:`rounding_terms`."""
+    return math.isqrt(d - 1) + 1 if d > 1 else 1
+
+
+def rounding_terms(d: int, packed: bool) -> int:
+    """``n`` such that each of ``_C.unmask_scores``'s float32 logits lies within ``n 2^-24
+    sum_k |h_k w_k|`` (to first order; callers scale by 1.01 for ``gamma_n``) of the exact one.
+
+    Packed: each chunk of ``c = k_chunk(d)`` products is summed in registers (its first product
+    rounded once, then one rounding per FMA, or per multiply and add: at most ``c`` roundings
+    reach any product), and the ``ceil(d / c)`` chunk sums are added in ``k`` order (at most
+    ``ceil(d / c) - 1`` more). Row-major: 16 lanes of ``d / 16`` FMAs, a 4-level lane tree and
+    the ``d % 16`` tail, ``d // 16 + 26`` with the old margin."""
+    if packed:
+        c = k_chunk(d)
+        return c + -(-d // c) - 1
+    return d // 16 + 26
+
+
+def packed_lm_head(lm_head: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of ``lm_head [V, d]`` that ``_C.unmask_scores`` scores fastest: float32
+    ``[ceil(V / P), d, P]``, ``packed[p, k, c] = lm_head[p * P + c, k]`` (zero past ``V``), ``P =
+    _C.unmask_panel``; or None (score ``lm_head`` row-major).
+
+    Cached per tensor and in-place version, made the second time the same version is seen (a
+    tensor made anew for every call never pays for a copy) and while all copies together stay
+    within ``_PACK_LIMIT_BYTES``. An in-place update of ``lm_head`` makes a new copy."""
+    key = id(lm_head)
+    hit = _PACKED.get(key)
+    fresh = hit is not None and hit[0]() is lm_head and hit[1] == lm_head._version
+    if fresh and hit[2] is not None:
+        return hit[2]
+    packed = None
+    if fresh:  # the second sighting of this version: pack it if it fits
+        V, d = lm_head.shape
+        panel = _cuda._C.unmask_panel
+        panels = -(-V // panel)
+        held = sum(t.nbytes for _, _, t in list(_PACKED.values()) if t is not None)
+        if held + panels * panel * d * 4 <= _PACK_LIMIT_BYTES:
+            with torch.no_grad():
+                padded = torch.zeros(panels * panel, d, dtype=torch.float32)
+                padded[:V] = lm_head
+                packed = padded.view(panels, panel, d).transpose(1, 2).contiguous()
+
+    def forget(ref, key=key):
+        if _PACKED.get(key, (None,))[0] is ref:
+            _PACKED.pop(key, None)
+
+    _PACKED[key] = (weakref.ref(lm_head, forget), lm_head._version, packed)
+    return packed
+
+
 def _forget_pool() -> None:
     global _POOL
     _POOL = None  # a forked child has none of the parent's worker threads
@@ -93,20 +154,33 @@ def _pool() -> ThreadPoolExecutor:
 
 def scores(hidden: torch.Tensor, lm_head: torch.Tensor, banned: Sequence[int]):
     """``_cuda.unmask_scores`` over ``torch.get_num_threads()`` vocabulary ranges in parallel
-    (``_C`` releases the GIL), merged. Returns ``(argmax, top, second, sum_exp, finite)``;
-    rows with ``finite`` False (a NaN or infinite maximum) have no meaningful partials; from one
-    range ``finite`` is None: a row is finite when its ``top`` and ``sum_exp`` are."""
+    (``_C`` releases the GIL), merged, on :func:`packed_lm_head`'s copy when there is one.
+    Returns ``(argmax, top, second, sum_exp, finite, terms)``; rows with ``finite`` False (a NaN
+    or infinite maximum) have no meaningful partials; from one range ``finite`` is None: a row is
+    finite when its ``top`` and ``sum_exp`` are. ``terms``: the logits' :func:`rounding_terms`."""
     V, d = lm_head.shape
     R = hidden.shape[0]
-    parts = max(1, min(torch.get_num_threads(), (R * V * d) // _MIN_SPLIT_WORK, V))
+    packed = packed_lm_head(lm_head)
+    terms = rounding_terms(d, packed is not None)
+    chunk = k_chunk(d) if packed is not None else 0
+    # Ranges of whole panels on the packed copy.
+    unit = 1 if packed is None else packed.shape[2]
+    units = -(-V // unit)
+    parts = max(1, min(torch.get_num_threads(), (R * V * d) // _MIN_SPLIT_WORK, units))
     if parts == 1:
-        return (*_cuda.unmask_scores(hidden, lm_head, banned), None)
-    bounds = [V * i // parts for i in range(parts + 1)]
+        return (*_cuda.unmask_scores(hidden, lm_head, banned, packed, chunk), None, terms)
+    bounds = [min(V, units * i // parts * unit) for i in range(parts + 1)]
     ids = sorted(set(banned))
     # Workers run only _C (no torch op: a forked child's intra-op pool rejects other threads).
     local = [[t - bounds[i] for t in ids if bounds[i] <= t < bounds[i + 1]] for i in range(parts)]
     heads = [lm_head[bounds[i] : bounds[i + 1]] for i in range(parts)]
-    res = list(_pool().map(lambda i: _cuda.unmask_scores(hidden, heads[i], local[i]), range(parts)))
+    packs = [
+        None if packed is None else packed[bounds[i] // unit : -(-bounds[i + 1] // unit)]
+        for i in range(parts)
+    ]
+    res = list(
+        _pool().map(lambda i: _cuda.unmask_scores(hidden, heads[i], local[i], packs[i], chunk), range(parts))
+    )
     offsets = torch.tensor(bounds[:-1], dtype=torch.int64)[:, None]
     am, top, second, s = (torch.stack(t) for t in zip(*res, strict=True))  # [parts, R]
     # A range whose every logit is -inf (banned) contributes nothing; NaN / +inf rows fall back.
@@ -117,7 +191,7 @@ def scores(hidden: torch.Tensor, lm_head: torch.Tensor, banned: Sequence[int]):
     others = top.scatter(0, best[None], float("-inf")).amax(0)
     sec = torch.maximum(second.gather(0, best[None])[0], others)
     weights = torch.where(empty, 0.0, torch.exp(top.double() - m.double()) * s)
-    return (am + offsets).gather(0, best[None])[0], m, sec, weights.sum(0), finite
+    return (am + offsets).gather(0, best[None])[0], m, sec, weights.sum(0), finite, terms
 
 
 def fused_cpu_unmask_step(
@@ -145,16 +219,15 @@ def fused_cpu_unmask_step(
     confidence = torch.full((B, Lr), float("-inf"), dtype=torch.float32)
     if rows.numel():
         h = hidden[committable]  # [rows, d], row-major over (b, r) like `rows`
-        am, top, second, s, finite = scores(h, lm_head, banned_token_ids)
+        am, top, second, s, finite, terms = scores(h, lm_head, banned_token_ids)
         # The margins are checked in Python floats (IEEE doubles, as float64 tensors would be):
         # a few dozen values, where each torch op would cost more than the arithmetic.
         top, second = top.tolist(), second.tolist()
         if not (all(finite.tolist()) if finite is not None else all(map(math.isfinite, top + s.tolist()))):
             return None
-        # |matmul - exact| <= d u sum|h w| in any summation order; ours sums 16 lanes of d / 16
-        # FMAs, a 4-level tree and the d % 16 tail: <= (d / 16 + 21) u sum|h w|; and
-        # sum|h w| <= ||h|| max_v ||w_v||.
-        scale = 1.01 * (d + d // 16 + 26) * _U
+        # |matmul - exact| <= gamma_d sum|h w| in any summation order, ours <= gamma_terms
+        # sum|h w| (rounding_terms); gamma_n <= 1.01 n u here; sum|h w| <= ||h|| max_v ||w_v||.
+        scale = 1.01 * (d + terms) * _U
         w_norm = lm_head_max_norm(lm_head)
         err = [scale * n * w_norm for n in torch.linalg.vector_norm(h.double(), dim=1).tolist()]
         if not all(t - u > 2 * e for t, u, e in zip(top, second, err, strict=True)):
