@@ -11,7 +11,9 @@ GPU (bf16, LLaDA-8B shapes: V = 126,464, d = 4096, a 32-row block, B = 1 / 8 / 6
 Both sides are captured in CUDA graphs and timed by replay (GPU time, not Python launch overhead);
 ``x`` is restored from a copy inside each timed call since the step commits in place. Every
 benchmark first checks that both sides commit the same tokens. On the CPU: tiny fp32 shapes
-through the Triton interpreter (a smoke run).
+through the Triton interpreter (a smoke run), and the ``_C`` rows (``test_cpu_*``, issue 19): the
+fused CPU ``unmask_step`` against the reference on Fast-dLLM's shapes, and ``_C.unmask_scores``
+on the packed LM head against the row-major one.
 
     pytest benches/bench_unmask.py --benchmark-json=out.json
 """
@@ -178,7 +180,7 @@ def test_cpu_fused_lm_head(benchmark, masked_rows):
     ours_x, base_x = x0.clone(), x0.clone()
     ours = _restoring(lambda: unmask_step(ours_x, backend="cuda", **step), ours_x, x0)
     baseline = _restoring(lambda: unmask_step(base_x, backend="reference", **step), base_x, x0)
-    ours(), baseline()
+    ours(), ours(), baseline()  # the second call packs the LM head (ops/_unmask_cpu.py)
     assert torch.equal(ours_x, base_x), "the fused CPU path commits other tokens than the reference"
     compare(
         benchmark,
@@ -189,4 +191,45 @@ def test_cpu_fused_lm_head(benchmark, masked_rows):
         nbytes=V_cpu * d * 4,
         shape=f"B=1 Lr={rows} masked={masked_rows} V={V_cpu} d={d} float32",
         baseline_name="reference: hidden @ lm_head.T + softmax + argmax + commit",
+    )
+
+
+@pytest.mark.parametrize("rows", [8, 16, 64])
+@pytest.mark.parametrize("V_cpu", [8192, 126_464])
+def test_cpu_unmask_scores_packed(benchmark, V_cpu, rows):
+    """``_C.unmask_scores`` alone on the packed LM head (the GEMM microkernel, vocabulary along
+    the lanes) against the same kernel on the row-major LM head (16-lane dot products reduced
+    across lanes), fp32, d = 256: V = 8192 is the tiny preset's vocabulary (L3-resident here),
+    126,464 Fast-dLLM's (streamed from DRAM). At 8-16 rows both are bandwidth-bound. Issue 19."""
+    from hybridkernels import _cuda
+    from hybridkernels.ops import _unmask_cpu
+
+    if not _cuda.available():
+        pytest.skip(f"_C not importable: {_cuda.IMPORT_ERROR}")
+    d = 256
+    g = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, d, generator=g)
+    lm_head = torch.randn(V_cpu, d, generator=g) / d**0.5
+    _unmask_cpu.packed_lm_head(lm_head)
+    packed = _unmask_cpu.packed_lm_head(lm_head)
+    chunk = _unmask_cpu.k_chunk(d)
+    banned = (V_cpu - 1,)
+
+    def ours():
+        return _cuda.unmask_scores(hidden, lm_head, banned, packed, chunk)
+
+    def baseline():
+        return _cuda.unmask_scores(hidden, lm_head, banned)
+
+    a, b = ours(), baseline()
+    assert torch.equal(a[0], b[0]), "the packed and row-major kernels pick other tokens"
+    compare(
+        benchmark,
+        ours,
+        baseline,
+        device=torch.device("cpu"),
+        flops=2.0 * rows * V_cpu * d,
+        nbytes=V_cpu * d * 4,
+        shape=f"R={rows} V={V_cpu} d={d} float32",
+        baseline_name="_C.unmask_scores on the row-major LM head",
     )

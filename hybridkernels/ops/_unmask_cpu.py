@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import _cuda
-from ..common import UnmaskResult, rank_and_commit
+from ..common import UnmaskResult
 
 _U = 2.0**-24  # float32 unit roundoff
 # Splitting the vocabulary over threads pays off from this many multiply-adds per row.
@@ -213,37 +213,47 @@ def fused_cpu_unmask_step(
     B, Lr, d = hidden.shape
     V = lm_head.shape[0]
     window = x[:, start : start + Lr]
-    committable = window == mask_id
-    rows = committable.reshape(-1).nonzero()[:, 0]
+    rows = (window == mask_id).view(-1).nonzero()[:, 0]
     tokens = window.clone()
-    confidence = torch.full((B, Lr), float("-inf"), dtype=torch.float32)
-    if rows.numel():
-        h = hidden[committable]  # [rows, d], row-major over (b, r) like `rows`
-        am, top, second, s, finite, terms = scores(h, lm_head, banned_token_ids)
-        # The margins are checked in Python floats (IEEE doubles, as float64 tensors would be):
-        # a few dozen values, where each torch op would cost more than the arithmetic.
-        top, second = top.tolist(), second.tolist()
-        if not (all(finite.tolist()) if finite is not None else all(map(math.isfinite, top + s.tolist()))):
-            return None
-        # |matmul - exact| <= gamma_d sum|h w| in any summation order, ours <= gamma_terms
-        # sum|h w| (rounding_terms); gamma_n <= 1.01 n u here; sum|h w| <= ||h|| max_v ||w_v||.
-        scale = 1.01 * (d + terms) * _U
-        w_norm = lm_head_max_norm(lm_head)
-        err = [scale * n * w_norm for n in torch.linalg.vector_norm(h.double(), dim=1).tolist()]
-        if not all(t - u > 2 * e for t, u, e in zip(top, second, err, strict=True)):
-            return None
-        # Relative: logit errors (2 err), our exp (4e-7) and torch's float32 softmax sum.
-        tol = 2.02 * max(err) + 4e-7 + (V / 8 + 64) * _U
-        conf = (1.0 / s).float()
-        if deferred_token_ids:
-            conf = conf.masked_fill(torch.isin(am, torch.tensor(list(deferred_token_ids))), float("-inf"))
-        tokens.view(-1).index_copy_(0, rows, am)
-        confidence.view(-1).index_copy_(0, rows, conf)
-        k = None if num_transfer is None else num_transfer.tolist()
-        if not _ranking_certain(rows.tolist(), conf.tolist(), B, Lr, k, threshold, tol):
-            return None
-    committed = rank_and_commit(confidence, committable, num_transfer=num_transfer, threshold=threshold)
-    window[committed] = tokens[committed]
+    if not rows.numel():
+        confidence = torch.full((B, Lr), float("-inf"), dtype=torch.float32)
+        return UnmaskResult(x, torch.zeros(B, Lr, dtype=torch.bool), tokens, confidence)
+    h = hidden.reshape(B * Lr, d).index_select(0, rows)  # [rows, d]
+    am, top, second, s, finite, terms = scores(h, lm_head, banned_token_ids)
+    # The margins are checked in Python floats (IEEE doubles, as float64 tensors would be): a few
+    # dozen values, where each torch op would cost more than the arithmetic.
+    top, second = top.tolist(), second.tolist()
+    if not (all(finite.tolist()) if finite is not None else all(map(math.isfinite, top + s.tolist()))):
+        return None
+    # |matmul - exact| <= gamma_d sum|h w| in any summation order, ours <= gamma_terms sum|h w|
+    # (rounding_terms); gamma_n <= 1.01 n u here; sum|h w| <= ||h|| max_v ||w_v||.
+    scale = 1.01 * (d + terms) * _U
+    w_norm = lm_head_max_norm(lm_head)
+    err = [scale * n * w_norm for n in torch.linalg.vector_norm(h, dim=1, dtype=torch.float64).tolist()]
+    if not all(t - u > 2 * e for t, u, e in zip(top, second, err, strict=True)):
+        return None
+    # Relative: logit errors (2 err), our exp (4e-7) and torch's float32 softmax sum.
+    tol = 2.02 * max(err) + 4e-7 + (V / 8 + 64) * _U
+    ids, flat = am.tolist(), rows.tolist()
+    conf = s.reciprocal_().float().tolist()  # float32 values
+    if deferred_token_ids:
+        deferred = set(deferred_token_ids)
+        conf = [float("-inf") if t in deferred else c for t, c in zip(ids, conf, strict=True)]
+    k = None if num_transfer is None else num_transfer.tolist()
+    chosen = _certain_commits(flat, conf, B, Lr, k, threshold, tol)
+    if chosen is None:
+        return None
+    # The outputs from Python lists: one tensor each instead of fill + scatter.
+    full = [float("-inf")] * (B * Lr)
+    for i, c in zip(flat, conf, strict=True):
+        full[i] = c
+    flags = [False] * (B * Lr)
+    for j in chosen:
+        flags[flat[j]] = True
+    confidence = torch.tensor(full, dtype=torch.float32).view(B, Lr)
+    committed = torch.tensor(flags).view(B, Lr)
+    tokens.view(-1).index_copy_(0, rows, am)
+    window.copy_(torch.where(committed, tokens, window))
     return UnmaskResult(x, committed, tokens, confidence)
 
 
@@ -253,20 +263,26 @@ def _apart(a: float, b: float, tol: float) -> bool:
     return (a == b == float("-inf")) or a - b > 2 * tol * abs(a)
 
 
-def _ranking_certain(rows, conf, B: int, Lr: int, num_transfer, threshold, tol: float) -> bool:
-    """Whether ranking by our confidences ``conf`` (of the committable flat indices ``rows``,
-    each within ``tol`` of the reference's, relative) commits the same rows as ranking by the
-    reference's. ``num_transfer``: a list of ``B`` ints, or None with ``threshold``."""
-    ranked = [[] for _ in range(B)]
-    for i, c in zip(rows, conf, strict=True):
-        ranked[i // Lr].append(c)
+def _certain_commits(rows, conf, B: int, Lr: int, num_transfer, threshold, tol: float):
+    """The rows that ``rank_and_commit`` commits ranked by our confidences ``conf`` (of the
+    committable flat indices ``rows``, each within ``tol`` of the reference's, relative), as
+    positions in ``rows``, when ranking by the reference's provably commits the same; else
+    None. ``num_transfer``: a list of ``B`` ints, or None with ``threshold``."""
+    ranked = [[] for _ in range(B)]  # per sequence: (confidence, position in rows), ranked
+    for j, (i, c) in enumerate(zip(rows, conf, strict=True)):
+        ranked[i // Lr].append((c, j))
     for r in ranked:
-        r.sort(reverse=True)
+        r.sort(key=lambda e: -e[0])  # stable: ties keep the lower index first
     if threshold is not None:
         if any(c > float("-inf") and abs(c - threshold) <= tol * abs(c) for c in conf):
-            return False
-        return all(_apart(r[0], r[1], tol) for r in ranked if len(r) >= 2)
-    # The first k of a row commit: the k-th and (k+1)-th must be apart, where k cuts the row.
-    return all(
-        _apart(r[k - 1], r[k], tol) for r, k in zip(ranked, num_transfer, strict=True) if 0 < k < len(r)
-    )
+            return None
+        if not all(_apart(r[0][0], r[1][0], tol) for r in ranked if len(r) >= 2):
+            return None
+        # Fast-dLLM's rule: every row at or above the threshold, and the first in rank.
+        return [j for r in ranked for n, (c, j) in enumerate(r) if n == 0 or c >= threshold]
+    # The first k of a sequence commit: the k-th and (k+1)-th must be apart, where k cuts it.
+    if not all(
+        _apart(r[k - 1][0], r[k][0], tol) for r, k in zip(ranked, num_transfer, strict=True) if 0 < k < len(r)
+    ):
+        return None
+    return [j for r, k in zip(ranked, num_transfer, strict=True) for _, j in r[: max(k, 0)]]
