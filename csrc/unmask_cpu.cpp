@@ -365,24 +365,27 @@ void unmask_scores_packed(const UnmaskScoreArgs& a) {
     const int64_t np = std::min(tile_panels, panels - p0);
     const int64_t v0 = p0 * kUnmaskPanel, n = std::min(np * kUnmaskPanel, V - v0);
     const float* w = a.packed + p0 * d * kUnmaskPanel;
-    // The next tile is contiguous: a slice of it per microkernel call.
-    const int64_t next_np = std::min(tile_panels, panels - p0 - np);
-    const int64_t lines = (next_np * d * kUnmaskPanel * int64_t(sizeof(float)) + 63) / 64;
-    const char* pf = lines ? reinterpret_cast<const char*>(w + np * d * kUnmaskPanel) : nullptr;
-    const int64_t calls = ((d + kblock - 1) / kblock) * nblocks * np;
-    const int64_t slice = (lines + calls - 1) / calls;
-    int64_t done = 0;
     for (int64_t k0 = 0; k0 < d; k0 += kblock) {
       const int64_t klen = std::min(kblock, d - k0);
+      // What the next (tile, k block) reads: klen' k of np' panels; panel p's part is prefetched
+      // by the calls on panel p, a slice per row block.
+      const bool same_tile = k0 + kblock < d;
+      const int64_t pf_p0 = same_tile ? p0 : p0 + np, pf_k0 = same_tile ? k0 + kblock : 0;
+      const int64_t pf_np = std::min(tile_panels, panels - pf_p0);
+      const int64_t pf_klen = std::min(kblock, d - pf_k0);
+      const int64_t lines = (pf_klen * kUnmaskPanel * int64_t(sizeof(float)) + 63) / 64;
+      const int64_t slice = (lines + nblocks - 1) / nblocks;
       for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t r0 = block_start[b], rb = block_start[b + 1] - r0;
         const float* hb = hp.data() + r0 * d + k0 * rb;
+        const int64_t done = std::min(lines, b * slice), mine = std::min(slice, lines - done);
         for (int64_t p = 0; p < np; ++p) {
-          const int64_t mine = std::max<int64_t>(0, std::min(slice, lines - done));
+          const char* pf = p < pf_np ? reinterpret_cast<const char*>(
+                                           a.packed + ((pf_p0 + p) * d + pf_k0) * kUnmaskPanel) +
+                                           done * 64
+                                     : nullptr;
           kPanelRows[rb](hb, w + (p * d + k0) * kUnmaskPanel, klen, chunk, k0 == 0,
-                         logits.data() + r0 * tile + p * kUnmaskPanel, tile,
-                         pf ? pf + done * 64 : nullptr, mine);
-          done += mine;
+                         logits.data() + r0 * tile + p * kUnmaskPanel, tile, pf, pf ? mine : 0);
         }
       }
     }

@@ -258,13 +258,13 @@ def product_bound(h, w, terms):
 @pytest.mark.parametrize(
     ("R", "V", "d"),
     [(1, 1, 1), (2, 47, 3), (5, 49, 16), (8, 481, 17), (9, 1001, 64), (17, 4099, 33), (64, 530, 256),
-     (70, 97, 100), (33, 960, 31)],
+     (70, 97, 100), (33, 960, 31), (10, 1000, 600), (3, 1500, 1030)],
 )  # fmt: skip
 def test_packed_partials_within_their_rounding_bound(R, V, d, dtype):
     g = torch.Generator().manual_seed(R * 7919 + V + d)
     h = torch.randn(R, d, generator=g).to(dtype)
     w = (torch.randn(V, d, generator=g) * 0.3).to(dtype)
-    # Banned ids at the edges of panels (48 ids) and tiles (480).
+    # Banned ids at the edges of panels (48 ids) and tiles (480); d = 600, 1030: several k blocks.
     banned = sorted({t for t in (0, 47, 48, 479, 480, 481, V - 1) if t < V - 1})
     am, top, second, s = packed_scores(h, w, banned)
     logits = exact_logits(h, w, banned)
