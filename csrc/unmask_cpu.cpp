@@ -239,77 +239,85 @@ void convert_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, 
 
 // ---- the packed path: vocabulary along the lanes ----------------------------------------------
 // A GEMM microkernel over the k-major packed LM head (UnmaskScoreArgs::packed): for each k, the
-// panel's 48 weights are 3 vectors, each hidden value h[r, k] is broadcast, and RB x 3
-// accumulators of 16 vocabulary entries take one FMA each, so no horizontal reduction is needed.
+// panel's 48 weights are 48 / W vectors of W lanes, each hidden value h[r, k] is broadcast, and
+// RB x (48 / W) accumulators take one FMA each, so no horizontal reduction is needed.
 
-constexpr int kPanelVecs = kUnmaskPanel / kLanes;
-static_assert(kPanelVecs * kLanes == kUnmaskPanel, "a panel is a whole number of vectors");
-constexpr int kMaxRowBlock = 8;  // 8 x 3 accumulators: 24 of the 32 AVX-512 registers
+constexpr int kMaxRowBlock = 8;  // AVX-512: 8 x 3 accumulators, 24 of the 32 registers
 
-inline void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof(Vec)); }
-
-// Logits of RB hidden rows against one panel, over k in [0, klen) of this call:
+// Logits of RB hidden rows against one panel, over k in [0, klen) of this call, in vectors of W
+// lanes (16: AVX-512; 8: one AVX2 register, as GCC splits wider generic vectors through memory):
 //   hp: the rows' hidden values k-major (hp[k * RB + r]), wp: the panel's k-major weights
 //   (wp[k * 48 + c]), out[r * out_stride + c] (c < 48): the logits' running sums.
 // Each chunk of `chunk` consecutive k starts a fresh product sum in registers (its first
 // product rounded once, then FMAs), which is then added to out; with `store_first` the first
 // chunk is stored instead (k = 0 of the logit). Prefetches pf_lines cache lines from pf,
 // spread over the k loop.
-template <int RB>
+template <int RB, int W>
 HK_UNMASK_CLONES void panel_rows(const float* hp, const float* wp, int64_t klen, int64_t chunk,
                                  bool store_first, float* out, int64_t out_stride, const char* pf,
                                  int64_t pf_lines) {
+  typedef float V __attribute__((vector_size(W * sizeof(float))));
+  // Unaligned and aliasing: loads and stores of whole registers (GCC's x86-64-v3 tuning turns a
+  // memcpy into 16-byte halves, whose 32-byte reload misses store forwarding).
+  typedef float VU __attribute__((vector_size(W * sizeof(float)), aligned(4), may_alias));
+  constexpr int NV = kUnmaskPanel / W;
+  static_assert(NV * W == kUnmaskPanel, "a panel is a whole number of vectors");
   const int64_t pf_step = (pf_lines + klen - 1) / klen;
   for (int64_t c0 = 0; c0 < klen; c0 += chunk) {
     const int64_t c1 = std::min(c0 + chunk, klen);
-    Vec acc[RB][kPanelVecs];
+    V acc[RB][NV];
     {
-      Vec x[kPanelVecs];
-      for (int c = 0; c < kPanelVecs; ++c) load(x[c], wp + c0 * kUnmaskPanel + c * kLanes);
+      V x[NV];
+      for (int c = 0; c < NV; ++c) x[c] = *reinterpret_cast<const VU*>(wp + c0 * kUnmaskPanel + c * W);
       for (int r = 0; r < RB; ++r) {
-        const Vec hv = hp[c0 * RB + r] - Vec{};  // a broadcast (x - 0 is x, -0 too)
-        for (int c = 0; c < kPanelVecs; ++c) acc[r][c] = hv * x[c];
+        const V hv = hp[c0 * RB + r] - V{};  // a broadcast (x - 0 is x, -0 too)
+        for (int c = 0; c < NV; ++c) acc[r][c] = hv * x[c];
       }
     }
     for (int64_t k = c0 + 1; k < c1; ++k) {
       for (int64_t i = 0; i < pf_step && pf_lines > 0; ++i, --pf_lines, pf += 64)
         __builtin_prefetch(pf, 0, 2);
-      Vec x[kPanelVecs];
-      for (int c = 0; c < kPanelVecs; ++c) load(x[c], wp + k * kUnmaskPanel + c * kLanes);
+      V x[NV];
+      for (int c = 0; c < NV; ++c) x[c] = *reinterpret_cast<const VU*>(wp + k * kUnmaskPanel + c * W);
       for (int r = 0; r < RB; ++r) {
-        const Vec hv = hp[k * RB + r] - Vec{};
-        for (int c = 0; c < kPanelVecs; ++c) acc[r][c] += hv * x[c];
+        const V hv = hp[k * RB + r] - V{};
+        for (int c = 0; c < NV; ++c) acc[r][c] += hv * x[c];
       }
     }
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < kPanelVecs; ++c) {
-        float* o = out + r * out_stride + c * kLanes;
-        if (store_first && c0 == 0) {
-          store(o, acc[r][c]);
-        } else {
-          Vec t;
-          load(t, o);
-          t += acc[r][c];
-          store(o, t);
-        }
+      for (int c = 0; c < NV; ++c) {
+        VU* o = reinterpret_cast<VU*>(out + r * out_stride + c * W);
+        *o = store_first && c0 == 0 ? acc[r][c] : *o + acc[r][c];
       }
   }
 }
 
 using PanelRowsFn = void (*)(const float*, const float*, int64_t, int64_t, bool, float*, int64_t,
                              const char*, int64_t);
-constexpr PanelRowsFn kPanelRows[kMaxRowBlock + 1] = {
-    nullptr,        panel_rows<1>, panel_rows<2>, panel_rows<3>, panel_rows<4>,
-    panel_rows<5>, panel_rows<6>, panel_rows<7>, panel_rows<8>};
 
-// The most rows a block takes on this CPU: 8 x 3 accumulators fit AVX-512's 32 registers; with
-// 16 (AVX2) or fewer, 2 rows (6 accumulators of 2 registers each).
-int max_row_block() {
+// The microkernel for this CPU, by rows per block (1 .. max_rows): AVX-512 (x86-64-v4) takes up
+// to 8 rows in 16 lanes; AVX2 up to 2 rows in 8 lanes (2 x 6 accumulators of its 16 registers);
+// anything else 1 row.
+struct PanelKernel {
+  int max_rows;
+  PanelRowsFn by_rows[kMaxRowBlock + 1];
+};
+
+const PanelKernel& panel_kernel() {
+  static const PanelKernel k16 = {8,
+                                  {nullptr, panel_rows<1, 16>, panel_rows<2, 16>, panel_rows<3, 16>,
+                                   panel_rows<4, 16>, panel_rows<5, 16>, panel_rows<6, 16>,
+                                   panel_rows<7, 16>, panel_rows<8, 16>}};
+  static const PanelKernel k8 = {2, {nullptr, panel_rows<1, 8>, panel_rows<2, 8>}};
+  static const PanelKernel k8_one = {1, {nullptr, panel_rows<1, 8>}};
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const int rows = __builtin_cpu_supports("x86-64-v4") ? kMaxRowBlock : 2;
-  return rows;
+  static const PanelKernel& chosen = __builtin_cpu_supports("x86-64-v4")   ? k16
+                                     : __builtin_cpu_supports("x86-64-v3") ? k8
+                                                                           : k8_one;
+  return chosen;
 #else
-  return 2;
+  (void)k16, (void)k8;
+  return k8_one;
 #endif
 }
 
@@ -335,8 +343,9 @@ void write_rows(const UnmaskScoreArgs& a, const std::vector<RowState>& rows) {
 template <typename T>
 void unmask_scores_packed(const UnmaskScoreArgs& a) {
   const int64_t R = a.R, V = a.V, d = a.d, chunk = a.k_chunk;
-  // Row blocks of at most max_row_block() rows, as even as possible (17 rows: 6 + 6 + 5).
-  const int64_t nblocks = (R + max_row_block() - 1) / max_row_block();
+  // Row blocks of at most kernel.max_rows rows, as even as possible (17 rows: 6 + 6 + 5).
+  const PanelKernel& kernel = panel_kernel();
+  const int64_t nblocks = (R + kernel.max_rows - 1) / kernel.max_rows;
   std::vector<int64_t> block_start(nblocks + 1);
   for (int64_t b = 0; b <= nblocks; ++b) block_start[b] = R * b / nblocks;
   // The hidden rows as float32, each block k-major: hp[block_start[b] * d + k * rb + r].
@@ -384,7 +393,7 @@ void unmask_scores_packed(const UnmaskScoreArgs& a) {
                                            a.packed + ((pf_p0 + p) * d + pf_k0) * kUnmaskPanel) +
                                            done * 64
                                      : nullptr;
-          kPanelRows[rb](hb, w + (p * d + k0) * kUnmaskPanel, klen, chunk, k0 == 0,
+          kernel.by_rows[rb](hb, w + (p * d + k0) * kUnmaskPanel, klen, chunk, k0 == 0,
                          logits.data() + r0 * tile + p * kUnmaskPanel, tile, pf, pf ? mine : 0);
         }
       }
