@@ -407,3 +407,14 @@ def test_packed_bad_inputs():
         _cuda.unmask_scores(h, w, (), good.transpose(1, 2).contiguous().transpose(1, 2), 3)
     with pytest.raises(ValueError, match="k_chunk"):
         _cuda.unmask_scores(h, w, (), good, 0)
+
+
+def test_inference_tensor_lm_head_is_scored_without_a_cache():
+    # Inference tensors have no version counter: no packed copy, the norm computed each call.
+    g = torch.Generator().manual_seed(17)
+    with torch.inference_mode():
+        x, hidden, lm_head = random_case(g, 2, 7, 20, 300, torch.float32)
+    assert _unmask_cpu.packed_lm_head(lm_head) is None and _unmask_cpu.packed_lm_head(lm_head) is None
+    expected = float(lm_head.double().norm(dim=1).max())
+    assert _unmask_cpu.lm_head_max_norm(lm_head) == pytest.approx(expected, rel=1e-12)
+    run_both(x, mask_id=299, hidden=hidden, lm_head=lm_head, start=2, num_transfer=torch.tensor([2, 1]))

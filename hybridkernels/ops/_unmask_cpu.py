@@ -67,7 +67,10 @@ def unsupported_reason(hidden, lm_head, logits, temperature: float, remasking: s
 
 
 def lm_head_max_norm(lm_head: torch.Tensor) -> float:
-    """``max_v ||lm_head[v]||_2`` (float64), cached per tensor and in-place version."""
+    """``max_v ||lm_head[v]||_2`` (float64), cached per tensor and in-place version (not for
+    inference tensors, which have no version counter)."""
+    if lm_head.is_inference():
+        return float(torch.linalg.vector_norm(lm_head, dim=1, dtype=torch.float64).max())
     hit = _NORMS.get(id(lm_head))  # dict operations are atomic: no lock (a race recomputes)
     if hit is not None and hit[0]() is lm_head and hit[1] == lm_head._version:
         return hit[2]
@@ -110,7 +113,10 @@ def packed_lm_head(lm_head: torch.Tensor) -> torch.Tensor | None:
 
     Cached per tensor and in-place version, made the second time the same version is seen (a
     tensor made anew for every call never pays for a copy) and while all copies together stay
-    within ``_PACK_LIMIT_BYTES``. An in-place update of ``lm_head`` makes a new copy."""
+    within ``_PACK_LIMIT_BYTES``. An in-place update of ``lm_head`` makes a new copy. None for
+    inference tensors (made under ``torch.inference_mode``): they have no version counter."""
+    if lm_head.is_inference():
+        return None
     key = id(lm_head)
     hit = _PACKED.get(key)
     fresh = hit is not None and hit[0]() is lm_head and hit[1] == lm_head._version
