@@ -2,9 +2,12 @@
 
 For ``hidden [B, Lr, d]`` + ``lm_head [V, d]`` at temperature 0 with ``low_confidence``
 remasking, ``_C.unmask_scores`` streams the LM head once and returns per masked row the argmax,
-the top two logits and the softmax denominator, with no ``[B, Lr, V]`` logits. Its float32 dot
-products round in another order than torch's matmul, so this module commits only when the
-margins *prove* the reference would commit the same rows with the same tokens:
+the top two logits and the softmax denominator, with no ``[B, Lr, V]`` logits; from a weight's
+second use on, it streams a k-major packed float32 copy instead (:func:`packed_lm_head`: a GEMM
+microkernel with the vocabulary along the SIMD lanes; ``HYBRIDKERNELS_UNMASK_PACK_MB`` caps the
+copies, 1024 by default). Its float32 dot products round in another order than torch's matmul,
+so this module commits only when the margins *prove* the reference would commit the same rows
+with the same tokens:
 
 * a logit of any float32 matmul lies within ``d 2^-24 ||h|| max_v ||w_v||`` of the exact
   product, ours within ``n 2^-24 ||h|| max_v ||w_v||`` (:func:`rounding_terms`: ``n = c +
