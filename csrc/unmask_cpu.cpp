@@ -297,7 +297,7 @@ using PanelRowsFn = void (*)(const float*, const float*, int64_t, int64_t, bool,
 
 // The microkernel for this CPU, by rows per block (1 .. max_rows): AVX-512 (x86-64-v4) takes up
 // to 8 rows in 16 lanes; AVX2 up to 2 rows in 8 lanes (2 x 6 accumulators of its 16 registers);
-// anything else 1 row.
+// older x86-64 (SSE2) 1 row; other architectures 2 rows in 8 lanes.
 struct PanelKernel {
   int max_rows;
   PanelRowsFn by_rows[kMaxRowBlock + 1];
@@ -316,8 +316,8 @@ const PanelKernel& panel_kernel() {
                                                                            : k8_one;
   return chosen;
 #else
-  (void)k16, (void)k8;
-  return k8_one;
+  (void)k16, (void)k8_one;
+  return k8;  // e.g. NEON's 32 registers: 2 x 6 accumulators of two
 #endif
 }
 
