@@ -437,6 +437,8 @@ void unmask_scores(uintptr_t hidden, uintptr_t lm_head, const std::vector<int64_
   a.second_logit = reinterpret_cast<float*>(second_logit);
   a.sum_exp = reinterpret_cast<double*>(sum_exp);
   if (packed != 0) {
+    HK_CHECK(unmask_packed_panel() > 0,
+             "packed: this CPU scores the row-major lm_head only (unmask_panel is 0)");
     HK_CHECK(packed_panels == (a.V + kUnmaskPanel - 1) / kUnmaskPanel, "packed: expected ",
              (a.V + kUnmaskPanel - 1) / kUnmaskPanel, " panels of ", kUnmaskPanel,
              " vocabulary rows for V=", a.V, ", got ", packed_panels);
@@ -570,7 +572,7 @@ PYBIND11_MODULE(_C, m) {
         "ids score -inf. CPU only; one pass over lm_head, or over `packed` (float32\n"
         "[packed_panels, d, unmask_panel]: lm_head k-major in panels, zero past V) when given,\n"
         "each logit's products then summed in chunks of k_chunk.");
-  m.attr("unmask_panel") = hk::kUnmaskPanel;
+  m.attr("unmask_panel") = hk::unmask_packed_panel();  // 0: no packed path on this CPU
   m.def("rms_norm", &hk::rms_norm, py::arg("x"), py::arg("x_stride"), py::arg("residual"),
         py::arg("residual_stride"), py::arg("weight"), py::arg("out"), py::arg("out_stride"),
         py::arg("rows"), py::arg("dim"), py::arg("eps"), py::arg("groups") = 1,

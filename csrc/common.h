@@ -222,6 +222,8 @@ struct SiluMulArgs {
 };
 
 void unmask_scores_cpu(const UnmaskScoreArgs& a);
+// kUnmaskPanel where the packed path is faster on this CPU (AVX2 / AVX-512), else 0.
+int64_t unmask_packed_panel();
 void rms_norm_cpu(const RmsNormArgs& a);
 void rotary_cpu(const RotaryArgs& a);
 void silu_mul_cpu(const SiluMulArgs& a);

@@ -426,11 +426,12 @@ def unmask_scores(
     FMAs in another order than torch's matmul: each logit within ``d * 2^-24 * ||h|| ||w_v||``
     of the exact value. One pass over ``lm_head``, on the calling thread (the GIL is released).
 
-    ``packed``: optionally ``lm_head`` as a contiguous float32 ``[ceil(V / P), d, P]`` tensor, ``P =
-    _C.unmask_panel`` (``packed[p, k, c] = lm_head[p * P + c, k]``, zero past ``V``; see
-    ``ops._unmask_cpu.packed_lm_head``), read instead of ``lm_head``; each logit then sums its
-    products in chunks of ``k_chunk`` consecutive ``k`` (FMAs from 0), the chunk sums in ``k``
-    order: within ``(k_chunk + ceil(d / k_chunk) - 1) * 2^-24 * sum_k |h_k w_vk|``.
+    ``packed``: optionally ``lm_head`` as a contiguous float32 ``[ceil(V / P), d, P]`` tensor,
+    ``P = _C.unmask_panel`` (``packed[p, k, c] = lm_head[p * P + c, k]``, zero past ``V``; see
+    ``ops._unmask_cpu.packed_lm_head``; ``P`` is 0 on CPUs without AVX2, which take none), read
+    instead of ``lm_head``; each logit then sums its products in chunks of ``k_chunk``
+    consecutive ``k`` (FMAs from 0), the chunk sums in ``k`` order: within ``(k_chunk + ceil(d /
+    k_chunk) - 1) * 2^-24 * sum_k |h_k w_vk|``.
     """
     for name, t in (("hidden", hidden), ("lm_head", lm_head)):
         if t.device.type != "cpu":
@@ -444,6 +445,8 @@ def unmask_scores(
     packed_args = ()
     if packed is not None:
         panel = _C.unmask_panel
+        if not panel:
+            raise ValueError("unmask_scores: this CPU has no packed path (_C.unmask_panel is 0)")
         V, d = lm_head.shape
         want = (-(-V // panel), d, panel)
         if packed.device.type != "cpu" or packed.dtype != torch.float32 or not packed.is_contiguous():

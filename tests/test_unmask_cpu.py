@@ -237,6 +237,11 @@ def test_backend_choice():
 
 
 # ---------------------------------------------------------------- the packed LM head (issue 19)
+needs_packed = pytest.mark.skipif(
+    not _cuda.available() or not _cuda._C.unmask_panel, reason="no packed path on this CPU (no AVX2)"
+)
+
+
 def packed_now(w):
     """``packed_lm_head(w)``, made now (it packs on a tensor version's second sighting)."""
     _unmask_cpu.packed_lm_head(w)
@@ -254,6 +259,7 @@ def product_bound(h, w, terms):
     return 1.01 * terms * 2.0**-24 * (h.double().abs() @ w.double().abs().T) + 1e-30
 
 
+@needs_packed
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
 @pytest.mark.parametrize(
     ("R", "V", "d"),
@@ -292,6 +298,7 @@ def test_packed_rounding_bound_is_never_looser_than_the_row_major_one():
         assert _unmask_cpu.rounding_terms(d, packed=True) <= d // 16 + 21, d
 
 
+@needs_packed
 def test_packed_ties_across_panels_and_tiles_go_to_the_first_index():
     g = torch.Generator().manual_seed(12)
     R, V, d = 11, 1500, 40
@@ -307,6 +314,7 @@ def test_packed_ties_across_panels_and_tiles_go_to_the_first_index():
     assert int(am[0]) == 530
 
 
+@needs_packed
 def test_packed_non_finite_hidden_follows_torch_argmax():
     g = torch.Generator().manual_seed(13)
     R, V, d = 4, 533, 17
@@ -325,6 +333,7 @@ def test_packed_non_finite_hidden_follows_torch_argmax():
     assert torch.isnan(s[1]) and torch.isnan(s[2]) and torch.isfinite(s[3])
 
 
+@needs_packed
 def test_packed_copy_is_cached_per_version_and_never_stale():
     g = torch.Generator().manual_seed(14)
     h = torch.randn(6, 24, generator=g)
@@ -346,6 +355,7 @@ def test_packed_copy_is_cached_per_version_and_never_stale():
     assert _unmask_cpu.packed_lm_head(w) is not first
 
 
+@needs_packed
 def test_packed_copies_respect_the_memory_limit(monkeypatch):
     w = torch.randn(500, 16)
     monkeypatch.setattr(_unmask_cpu, "_PACK_LIMIT_BYTES", 500 * 16 * 4)  # 528 ids padded: too big
@@ -357,6 +367,7 @@ def test_packed_copies_respect_the_memory_limit(monkeypatch):
     assert _unmask_cpu.packed_lm_head(other) is None  # the limit is for all copies together
 
 
+@needs_packed
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_packed_vocabulary_split_over_threads_matches_one_pass(monkeypatch, dtype):
     g = torch.Generator().manual_seed(15)
@@ -377,6 +388,7 @@ def test_packed_vocabulary_split_over_threads_matches_one_pass(monkeypatch, dtyp
     torch.testing.assert_close(s, one[3], rtol=1e-6, atol=0)
 
 
+@needs_packed
 @pytest.mark.parametrize("rule", ("num_transfer", "threshold"))
 def test_op_on_the_packed_lm_head_commits_what_the_reference_commits(rule):
     g = torch.Generator().manual_seed(16)
@@ -396,6 +408,7 @@ def test_op_on_the_packed_lm_head_commits_what_the_reference_commits(rule):
         )  # fmt: skip
 
 
+@needs_packed
 def test_packed_bad_inputs():
     h, w = torch.randn(2, 8), torch.randn(50, 8)
     good = packed_now(w)
@@ -418,3 +431,13 @@ def test_inference_tensor_lm_head_is_scored_without_a_cache():
     expected = float(lm_head.double().norm(dim=1).max())
     assert _unmask_cpu.lm_head_max_norm(lm_head) == pytest.approx(expected, rel=1e-12)
     run_both(x, mask_id=299, hidden=hidden, lm_head=lm_head, start=2, num_transfer=torch.tensor([2, 1]))
+
+
+def test_no_packed_copy_where_the_cpu_has_no_packed_path(monkeypatch):
+    h, w = torch.randn(3, 8), torch.randn(60, 8)
+    packed = torch.zeros(2, 8, 48)
+    monkeypatch.setattr(_cuda._C, "unmask_panel", 0)
+    assert _unmask_cpu.packed_lm_head(w) is None and _unmask_cpu.packed_lm_head(w) is None
+    assert _unmask_cpu.scores(h, w, ())[5] == _unmask_cpu.rounding_terms(8, packed=False)
+    with pytest.raises(ValueError, match="no packed path"):
+        _cuda.unmask_scores(h, w, (), packed, 3)

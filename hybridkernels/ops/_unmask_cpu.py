@@ -117,8 +117,9 @@ def packed_lm_head(lm_head: torch.Tensor) -> torch.Tensor | None:
     Cached per tensor and in-place version, made the second time the same version is seen (a
     tensor made anew for every call never pays for a copy) and while all copies together stay
     within ``_PACK_LIMIT_BYTES``. An in-place update of ``lm_head`` makes a new copy. None for
-    inference tensors (made under ``torch.inference_mode``): they have no version counter."""
-    if lm_head.is_inference():
+    inference tensors (made under ``torch.inference_mode``: they have no version counter) and on
+    CPUs without AVX2 (``_C.unmask_panel == 0``), where the row-major path is faster."""
+    if lm_head.is_inference() or not _cuda._C.unmask_panel:  # 0: no faster packed path here
         return None
     key = id(lm_head)
     hit = _PACKED.get(key)
