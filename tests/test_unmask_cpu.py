@@ -187,19 +187,24 @@ def test_a_near_tie_in_confidence_is_not_trusted():
     run_both(x, hidden=hidden, lm_head=lm_head, mask_id=29, start=2, num_transfer=nt)
 
 
+def _scores_on_three_threads(monkeypatch, h, w, banned):
+    """``_unmask_cpu.scores`` with the vocabulary split over 3 threads (however small the work)."""
+    monkeypatch.setattr(_unmask_cpu, "_MIN_SPLIT_WORK", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        return _unmask_cpu.scores(h, w, banned)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_vocabulary_split_over_threads_merges_like_one_pass(monkeypatch):
     g = torch.Generator().manual_seed(11)
     h = torch.randn(7, 33, generator=g)
     w = torch.randn(1001, 33, generator=g)
     banned = [0, 400, 401, 1000]
     one = _cuda.unmask_scores(h, w, banned)
-    monkeypatch.setattr(_unmask_cpu, "_MIN_SPLIT_WORK", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        am, top, second, s, finite, _ = _unmask_cpu.scores(h, w, banned)
-    finally:
-        torch.set_num_threads(threads)
+    am, top, second, s, finite, _ = _scores_on_three_threads(monkeypatch, h, w, banned)
     assert finite.all()
     assert torch.equal(am, one[0]) and torch.equal(top, one[1]) and torch.equal(second, one[2])
     torch.testing.assert_close(s, one[3], rtol=1e-6, atol=0)  # float32 exps, other running maxima
@@ -375,13 +380,7 @@ def test_packed_vocabulary_split_over_threads_matches_one_pass(monkeypatch, dtyp
     w = torch.randn(1001, 33, generator=g).to(dtype)
     banned = [0, 47, 48, 400, 1000]
     one = packed_scores(h, w, banned)
-    monkeypatch.setattr(_unmask_cpu, "_MIN_SPLIT_WORK", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        am, top, second, s, finite, terms = _unmask_cpu.scores(h, w, banned)
-    finally:
-        torch.set_num_threads(threads)
+    am, top, second, s, finite, terms = _scores_on_three_threads(monkeypatch, h, w, banned)
     assert finite.all() and terms == _unmask_cpu.rounding_terms(33, packed=True)
     # Each logit is summed alike in every range: bitwise the same partials.
     assert torch.equal(am, one[0]) and torch.equal(top, one[1]) and torch.equal(second, one[2])
