@@ -30,6 +30,7 @@ def _triton_attention(q, k, v, **kwargs):
 
 
 # SDPA's grouped-query mode (torch >= 2.5) reads each kv head once instead of a repeated copy.
+# CPU only: on CUDA its kernels with a mask fall back to the math kernel, slower than repeating.
 _SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
@@ -61,9 +62,9 @@ def sdpa_attention(
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     gqa = {}
-    if Hq != Hkv and _SDPA_GQA:
+    if Hq != Hkv and _SDPA_GQA and q.device.type == "cpu":
         gqa = {"enable_gqa": True}
-    elif Hq != Hkv:  # torch < 2.5: repeat the kv heads
+    elif Hq != Hkv:  # repeat the kv heads
         k = k[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
         v = v[:, :, :, None].expand(B, Lk, Hkv, Hq // Hkv, D).reshape(B, Lk, Hq, D)
     visible = None
