@@ -30,7 +30,7 @@ def _triton_attention(q, k, v, **kwargs):
 
 
 # SDPA's grouped-query mode (torch >= 2.5) reads each kv head once instead of a repeated copy.
-# CPU only: on CUDA its kernels with a mask fall back to the math kernel, slower than repeating.
+# CPU only, where it was measured: on CUDA a masked call could lose the memory-efficient kernel.
 _SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
