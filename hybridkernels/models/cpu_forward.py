@@ -114,7 +114,8 @@ class CPUForward:
         self.h_ptr, self.x_ptr, self.branch_ptr = ptr(self.h), ptr(self.x), ptr(self.branch)
         self.gate_up_ptr, self.act_ptr, self.qkv_ptr = ptr(self.gate_up), ptr(self.act), ptr(self.qkv)
         # _C.rotary's arguments after (x, rows) and before positions: the q and k heads of a qkv row
-        self.rope_heads = (Hq + Hkv, D, self.qkv.stride(0), D)
+        self.qkv_stride, self.head_dim = self.qkv.stride(0), D
+        self.rope_heads = (Hq + Hkv, D, self.qkv_stride, D)
         self.rope_tables = (ptr(self.cos), ptr(self.sin), table_rows, D)
         pack = sum(p.numel() * p.element_size() for p in model.layers.parameters()) <= _PACK_BYTES
         self.layers = []
@@ -149,7 +150,7 @@ class CPUForward:
         torch.index_select(self.weights[0], 0, ids.reshape(-1), out=self.h)
         pos = positions.data_ptr()
         residual = 0  # what the next norm adds to the stream first: the previous layer's MLP output
-        stride, D = self.qkv.stride(0), self.rope_heads[1]
+        stride, D = self.qkv_stride, self.head_dim
         for layer, (norm1, qkv, qk, o, norm2, gate_up, down) in enumerate(self.layers):
             C.rms_norm(self.h_ptr, d, residual, d, norm1[0], self.x_ptr, d, rows, d, norm1[1])
             qkv(self.x, self.qkv)

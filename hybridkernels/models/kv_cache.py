@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _cuda, ops
+from ..ops import _attention as ops_attention
 from ..ops import _decode as ops_decode
 from ..ops import _kv_append as ops_kv_append
 from ..validation import renamed
@@ -77,15 +78,9 @@ class PrefillHook:
             "PrefillHook", "decode_backend", decode_backend, "cache_backend", cache_backend
         )
         self.positions = torch.zeros(cache.batch, dtype=torch.int32, device=cache.k.device)
-        # On the CPU the automatic choice of the attention op is its reference (the spec, written
-        # for clarity: einsum, masks, an explicit log-sum-exp); the packed causal prefill needs no
-        # mask, so unless a backend is named it runs torch's fused SDPA kernel (4-5x faster here).
+        # The packed causal prefill needs no mask: on the CPU (automatic backend) torch's SDPA.
         device = cache.k.device
-        self._sdpa = (
-            device.type == "cpu"
-            and attention_backend is None
-            and ops.OP_BACKENDS["bidirectional_attention"].resolve(None, device) == ("reference", None)
-        )
+        self._sdpa = ops_attention.sdpa_instead_of_reference(device, attention_backend)
         # The writes go straight to _C on the CPU when kv_append would run it anyway (as the
         # decode steps do): slots 0 .. T-1 of every row, in bounds by construction.
         self._direct_append = (
