@@ -132,6 +132,14 @@ def run_both(x, **kwargs):
     return ref, out
 
 
+def _rule_args(rule, x, Lr, V, trial):
+    """``num_transfer`` (1-3, capped at each row's masks in the window at 2) or a threshold."""
+    if rule == "num_transfer":
+        masked = (x[:, 2 : 2 + Lr] == V - 1).sum(dim=1)
+        return {"num_transfer": torch.minimum(masked, torch.full((x.shape[0],), 1 + trial % 3))}
+    return {"threshold": (0.0, 0.05, 0.5, 2.0)[trial % 4]}
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("rule", ("num_transfer", "threshold"))
 def test_op_commits_what_the_reference_commits(rule, dtype):
@@ -140,11 +148,7 @@ def test_op_commits_what_the_reference_commits(rule, dtype):
         B, Lr = 1 + trial % 3, 1 + (5 * trial) % 23
         d, V = (1, 2, 17, 32, 63)[trial % 5], (2, 40, 999, 2051)[trial % 4]
         x, hidden, lm_head = random_case(g, B, Lr, d, V, dtype)
-        masked = (x[:, 2 : 2 + Lr] == V - 1).sum(dim=1)
-        if rule == "num_transfer":
-            extra = {"num_transfer": torch.minimum(masked, torch.full((B,), 1 + trial % 3))}
-        else:
-            extra = {"threshold": (0.0, 0.05, 0.5, 2.0)[trial % 4]}
+        extra = _rule_args(rule, x, Lr, V, trial)
         run_both(
             x, mask_id=V - 1, hidden=hidden, lm_head=lm_head, start=2,
             banned_token_ids=[0] if V > 2 else [], deferred_token_ids=[1], **extra,
@@ -396,11 +400,7 @@ def test_op_on_the_packed_lm_head_commits_what_the_reference_commits(rule):
         d, V = (3, 17, 64, 100)[trial % 4], (50, 481, 999, 2051)[trial % 4]
         x, hidden, lm_head = random_case(g, B, Lr, d, V, torch.float32)
         packed_now(lm_head)
-        masked = (x[:, 2 : 2 + Lr] == V - 1).sum(dim=1)
-        if rule == "num_transfer":
-            extra = {"num_transfer": torch.minimum(masked, torch.full((B,), 1 + trial % 3))}
-        else:
-            extra = {"threshold": (0.0, 0.05, 0.5, 2.0)[trial % 4]}
+        extra = _rule_args(rule, x, Lr, V, trial)
         run_both(
             x, mask_id=V - 1, hidden=hidden, lm_head=lm_head, start=2,
             banned_token_ids=[0, 47, 48], deferred_token_ids=[1], **extra,
